@@ -1,0 +1,52 @@
+# relgrad book: `make book` builds the website, `make test` runs every test (unit tests + every chapter).
+# Both create ./.venv when no virtual environment is active, and install the pinned environment into it.
+
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+ifdef VIRTUAL_ENV
+PY := $(VIRTUAL_ENV)/bin/python
+ENV_DIR := $(VIRTUAL_ENV)
+else
+PY := $(CURDIR)/.venv/bin/python
+ENV_DIR := $(CURDIR)/.venv
+endif
+STAMP := $(ENV_DIR)/.relgrad-installed
+export TQDM_DISABLE ?= 1
+export PYTHONHASHSEED ?= 0
+
+.PHONY: help env book test check sync clean student
+
+help:
+	@echo "make book   build the website into _build/html (executes every chapter)"
+	@echo "make test   run pytest: unit tests + every book/*.ipynb executed by nbval"
+	@echo "make check  pairing check (.md <-> .ipynb in sync, no outputs, setup cells current)"
+	@echo "make sync   regenerate setup cells and .ipynb twins from the .md sources"
+	@echo "make clean  remove _build"
+
+$(PY):
+	python3 -m venv $(ENV_DIR)
+
+# Pinned requirements first (never -U), then the package without touching them.
+$(STAMP): requirements.txt pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e .
+	@touch $(STAMP)
+
+env: $(STAMP)
+
+book: $(STAMP)
+	$(ENV_DIR)/bin/jupyter-book build . -W -n --keep-going
+	@echo "open _build/html/index.html"
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+check: $(STAMP)
+	$(PY) tools/check_pairing.py
+
+sync: $(STAMP)
+	$(PY) tools/sync_notebooks.py
+
+clean:
+	rm -rf _build

@@ -1,0 +1,101 @@
+"""Backend-free pieces of the training loops of both twins: minibatches, early stopping, divergence, history.
+
+Each twin's ``fit`` (``relgrad.numpy.fit`` and ``relgrad.torch.fit``) owns the parts that touch arrays or
+tensors (gradients, optimiser, checkpoints); everything that is plain bookkeeping lives here, once.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Iterator, List, Optional
+
+import numpy as np
+
+from .errors import TrainingDivergedError
+
+__all__ = ["History", "EarlyStopping", "minibatch_indices", "check_loss", "METHODS"]
+
+#: Gradient methods every twin understands.  ``"autodiff"`` (autograd through slogdet) is torch-only.
+METHODS = ("relative", "authors", "ordinary", "autodiff")
+
+
+@dataclass
+class History:
+    """What ``fit`` returns: per-epoch curves plus the epoch whose parameters were kept.
+
+    ``train_loss`` is the mean training surrogate loss of each epoch (for the relative and authors' methods
+    it omits the parameter-only term ``-sum_k log|det W_k|``, which is never computed during training);
+    ``val_log_likelihood`` is the exact mean validation log-likelihood in nats (one slogdet per layer).
+    """
+
+    method: str
+    train_loss: List[float] = field(default_factory=list)
+    val_log_likelihood: List[float] = field(default_factory=list)
+    best_epoch: int = -1
+    best_val_log_likelihood: float = -math.inf
+    stopped_early: bool = False
+    seconds: float = 0.0
+    steps: int = 0
+
+    def summary(self) -> str:
+        """One stable line for a chapter to print."""
+        return (
+            f"{self.method}: {len(self.val_log_likelihood)} epochs, best epoch {self.best_epoch}, "
+            f"best val log-lik {self.best_val_log_likelihood:.4f} nats"
+            + (" (early stop)" if self.stopped_early else "")
+        )
+
+
+class EarlyStopping:
+    """Keep track of the best validation score and say when ``patience`` epochs passed without improvement.
+
+    ``update(score)`` returns True when the score is a new best (the caller then copies its parameters).
+    ``min_delta`` is the smallest increase that counts as an improvement.
+    """
+
+    def __init__(self, patience: Optional[int] = 10, min_delta: float = 0.0) -> None:
+        if patience is not None and patience < 1:
+            raise ValueError(f"patience must be a positive int or None, got {patience!r}")
+        self.patience = patience
+        self.min_delta = float(min_delta)
+        self.best = -math.inf
+        self.best_epoch = -1
+        self.bad_epochs = 0
+
+    def update(self, score: float, epoch: int) -> bool:
+        if score > self.best + self.min_delta:
+            self.best, self.best_epoch, self.bad_epochs = float(score), epoch, 0
+            return True
+        self.bad_epochs += 1
+        return False
+
+    @property
+    def should_stop(self) -> bool:
+        return self.patience is not None and self.bad_epochs >= self.patience
+
+
+def minibatch_indices(n: int, batch_size: int, rng: np.random.Generator, *, drop_last: bool = False) -> Iterator[np.ndarray]:
+    """Yield index arrays of a random permutation of ``range(n)`` in chunks of ``batch_size``.
+
+    Shapes: each yielded array is ``(batch_size,)`` (the last one may be shorter unless ``drop_last``).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    order = rng.permutation(n)
+    stop = n - (n % batch_size) if drop_last else n
+    for start in range(0, stop, batch_size):
+        yield order[start : start + batch_size]
+
+
+def check_loss(value: float, *, epoch: int, step: int, limit: float = 1e8) -> None:
+    """Stop training with :class:`TrainingDivergedError` when a loss is NaN, infinite or beyond ``limit``.
+
+    A flow whose loss explodes usually has a weight matrix drifting towards singularity or a learning rate
+    that is too large; the message says so, so the user knows what to change.
+    """
+    if not math.isfinite(value) or abs(value) > limit:
+        raise TrainingDivergedError(
+            f"training diverged at epoch {epoch}, step {step}: loss = {value!r}. "
+            "Lower the learning rate, or check the data scaling (standardise the inputs)."
+        )
