@@ -7,14 +7,18 @@ tensors (gradients, optimiser, checkpoints); everything that is plain bookkeepin
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
-from typing import Iterator, List, Optional
+from typing import Any, Callable, Iterator, List, Optional, Tuple
 
 import numpy as np
 
-from .errors import TrainingDivergedError
+from .errors import SingularWeightError, TrainingDivergedError
+from .utils import progress as progress_bar
 
-__all__ = ["History", "EarlyStopping", "minibatch_indices", "check_loss", "METHODS"]
+__all__ = [
+    "History", "EarlyStopping", "minibatch_indices", "check_loss", "validation_score", "run_epochs", "METHODS",
+]
 
 #: Gradient methods every twin understands.  ``"autodiff"`` (autograd through slogdet) is torch-only.
 METHODS = ("relative", "authors", "ordinary", "autodiff")
@@ -99,3 +103,66 @@ def check_loss(value: float, *, epoch: int, step: int, limit: float = 1e8) -> No
             f"training diverged at epoch {epoch}, step {step}: loss = {value!r}. "
             "Lower the learning rate, or check the data scaling (standardise the inputs)."
         )
+
+
+def validation_score(evaluate: Callable[[], float], *, epoch: int) -> float:
+    """Run ``evaluate()`` (the exact mean validation log-likelihood) and turn failure into divergence.
+
+    A weight matrix that became singular (:class:`~relgrad.errors.SingularWeightError`) or a non-finite
+    score both mean training went off the rails; either raises :class:`TrainingDivergedError`.
+    """
+    hint = "Lower the learning rate, or check the data scaling (standardise the inputs)."
+    try:
+        score = float(evaluate())
+    except SingularWeightError as err:
+        raise TrainingDivergedError(f"training diverged at epoch {epoch}: {err}. {hint}") from err
+    if not math.isfinite(score):
+        raise TrainingDivergedError(f"training diverged at epoch {epoch}: validation log-likelihood is {score!r}. {hint}")
+    return score
+
+
+def run_epochs(
+    *,
+    method: str,
+    epochs: int,
+    patience: Optional[int],
+    train_epoch: Callable[[int, int], Tuple[float, int]],
+    evaluate: Callable[[], float],
+    snapshot: Callable[[], Any],
+    restore: Callable[[Any], None],
+    on_best: Optional[Callable[[], None]] = None,
+    progress: Optional[bool] = None,
+    log_every: int = 0,
+) -> History:
+    """The epoch loop both twins' ``fit`` share; the twin supplies what touches arrays or tensors.
+
+    ``train_epoch(epoch, step)`` runs one shuffled pass and returns (mean training loss, global step count);
+    ``evaluate()`` returns the exact mean validation log-likelihood; ``snapshot()``/``restore(state)`` copy
+    the parameters out and back; ``on_best()`` runs at each new best epoch (e.g. to write a checkpoint).
+    The best epoch's parameters are restored at the end.  Epochs are numbered from 0.
+    """
+    if epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {epochs}")
+    stopper, history = EarlyStopping(patience), History(method=method)
+    best, start = snapshot(), time.perf_counter()
+    bar = progress_bar(range(epochs), disable=None if progress is None else not progress, desc=f"fit ({method})")
+    for epoch in bar:
+        loss, history.steps = train_epoch(epoch, history.steps)
+        score = validation_score(evaluate, epoch=epoch)
+        history.train_loss.append(loss)
+        history.val_log_likelihood.append(score)
+        if stopper.update(score, epoch):
+            best = snapshot()
+            if on_best is not None:
+                on_best()
+        if hasattr(bar, "set_postfix"):
+            bar.set_postfix(loss=f"{loss:.4f}", val_ll=f"{score:.4f}")
+        if log_every > 0 and (epoch % log_every == 0 or epoch == epochs - 1):
+            print(f"epoch {epoch:4d}  train loss {loss:.4f}  val log-lik {score:.4f}")
+        if stopper.should_stop:
+            history.stopped_early = True
+            break
+    restore(best)
+    history.best_epoch, history.best_val_log_likelihood = stopper.best_epoch, stopper.best
+    history.seconds = time.perf_counter() - start
+    return history

@@ -1,0 +1,155 @@
+"""Hand-written backpropagation and the gradient rules of the NumPy twin ("autodiff" lives in relgrad.torch).
+
+The loss that training minimises is the mean negative log-likelihood of a batch,
+
+    Loss = -mean_m [ L_p(x_m) + L_J^1(x_m) ]  -  sum_k log|det W_k|        (=: Loss_data + Loss_det).
+
+Row-batch notation: Z_{k-1}, Y_k, Delta_k are ``(M, D)`` with one sample per row, Y_k = Z_{k-1} W_k^T + b_k,
+and Delta_k = dLoss_data / dY_k (it includes the 1/M of the mean).  With G_W = Delta^T Z and g_b = Delta^T 1
+(the ordinary gradients of Loss_data), the rules are
+
+    ordinary:  dW = G_W - W^{-T}                          db = g_b                         (explicit inverse, O(D^3))
+    relative:  dW = G_W W^T W + g_b b^T W - W             db = G_W W^T b + g_b (1 + b.b) - b
+    authors:   as relative but without the "- b" on the bias (the rule of the published code).
+
+The relative rule is the ordinary gradient of the augmented matrix A = [[W, b], [0, 1]] multiplied on the right
+by A^T A (top D rows).  It is evaluated in O(M D^2) without ever forming W^T W, (Delta^T Y0) W or an inverse:
+since Z W^T + 1 b^T = Y, the first two terms of each line collapse to
+
+    G_W W^T W + g_b b^T W = Delta^T (Z W^T + 1 b^T) W = Delta^T (Y W)
+    G_W W^T b + g_b b.b   = Delta^T (Y b)
+
+i.e. dW = Delta^T (Y W) - W and db = Delta^T (Y b) + g_b - b.  This equals the form with Y0 = Y - b,
+Delta^T (Y0 W) + outer(g_b, W^T b) - W, but needs no D x D outer-product temporary.  Cost: two M x D x D GEMMs
+per layer (Y W, then Delta^T (Y W)), the same order as backpropagation itself.
+"""
+
+from __future__ import annotations
+
+from typing import List, Tuple
+
+import numpy as np
+from numpy.typing import ArrayLike
+
+from ..errors import SingularWeightError
+from ..training import METHODS
+from .activation import dlog_sigma_prime, sigma_prime
+from .flow import DenseFlow, Trace
+
+__all__ = ["deltas", "gradients", "loss_and_gradients"]
+
+#: Gradient methods the NumPy twin implements.
+NUMPY_METHODS = ("relative", "authors", "ordinary")
+
+Grads = List[Tuple[np.ndarray, np.ndarray]]
+
+
+def _check_method(method: str) -> None:
+    """Raise ``ValueError`` for a method this twin cannot run, saying what to use instead."""
+    if method == "autodiff":
+        raise ValueError(
+            "method 'autodiff' (autograd through slogdet) needs torch: use relgrad.torch, "
+            f"or one of {NUMPY_METHODS} in relgrad.numpy"
+        )
+    if method not in METHODS:
+        raise ValueError(
+            f"unknown gradient method {method!r}; valid methods: {METHODS} ('autodiff': relgrad.torch only)"
+        )
+
+
+def deltas(model: DenseFlow, trace: Trace) -> List[np.ndarray]:
+    """Backpropagate Delta_k = dLoss_data / dY_k through the layers, last to first.
+
+    Loss_data = -mean(L_p + L_J^1).  At the output, d(-log N(s; 0, I))/ds = s, so Delta_L = S / M.  Going back
+    through layer k+1 (Y_{k+1} = Z_k W_{k+1}^T + b) gives dLoss/dZ_k = Delta_{k+1} W_{k+1}; through Z_k = sigma(Y_k)
+    it is multiplied by sigma'(Y_k); and Y_k also enters L_J^1 directly, adding -(1/M) sigma''/sigma' (Y_k).
+
+    Shapes:
+        trace: as returned by ``model.trace(x)`` for x ``(M, D)``; returns L arrays ``(M, D)``, Delta_1..Delta_L.
+    """
+    m = trace.s.shape[0]
+    delta = trace.s / m
+    out = [delta]
+    for k in range(model.n_layers - 2, -1, -1):  # 0-based index of the layer whose output feeds layer k+1
+        y = trace.ys[k]
+        delta = delta @ model.weights[k + 1]  # row form of W^T delta
+        delta *= sigma_prime(y, model.alpha)
+        delta -= dlog_sigma_prime(y, model.alpha) / m
+        out.append(delta)
+    out.reverse()
+    return out
+
+
+def _ordinary_layer(w: np.ndarray, z: np.ndarray, delta: np.ndarray, where: str) -> Tuple[np.ndarray, np.ndarray]:
+    """dW = Delta^T Z - W^{-T}, db = Delta^T 1: the Euclidean gradient, O(D^3) for the inverse.
+
+    Shapes:
+        w ``(D, D)``, z and delta ``(M, D)``; returns ``(D, D)``, ``(D,)``.
+    """
+    try:
+        w_inv = np.linalg.inv(w)
+    except np.linalg.LinAlgError as err:
+        raise SingularWeightError(f"weight matrix of {where} is singular: the ordinary gradient needs W^-1") from err
+    dw = delta.T @ z
+    dw -= w_inv.T
+    return dw, delta.sum(axis=0)
+
+
+def _relative_layer(
+    w: np.ndarray, b: np.ndarray, y: np.ndarray, delta: np.ndarray, strict: bool
+) -> Tuple[np.ndarray, np.ndarray]:
+    """Relative gradient of one layer, O(M D^2): dW = Delta^T (Y W) - W, db = Delta^T (Y b) + g_b [- b if strict].
+
+    See the module docstring for why Y (with the bias) turns the augmented rule into this tight form.
+
+    Shapes:
+        w ``(D, D)``, b ``(D,)``, y and delta ``(M, D)``; returns ``(D, D)``, ``(D,)``.
+    """
+    dw = delta.T @ (y @ w)  # association order is the whole point: never (Delta^T Y) W or W^T W
+    dw -= w  # relative gradient of -log|det W|: -W^{-T} W^T W = -W, free
+    db = delta.T @ (y @ b)
+    db += delta.sum(axis=0)
+    if strict:
+        db -= b  # the "+b" of the augmented log-det gradient [W, b]; the published code omits it
+    return dw, db
+
+
+def _layer_gradients(model: DenseFlow, trace: Trace, method: str) -> Grads:
+    """Per-layer (dW, db) of the loss from a trace, for a validated method."""
+    grads = []
+    for k, delta in enumerate(deltas(model, trace)):
+        w, b = model.weights[k], model.biases[k]
+        if method == "ordinary":
+            grads.append(_ordinary_layer(w, trace.zs[k], delta, f"layer {k + 1} of {model.n_layers}"))
+        else:
+            grads.append(_relative_layer(w, b, trace.ys[k], delta, strict=(method == "relative")))
+    return grads
+
+
+def loss_and_gradients(model: DenseFlow, x: ArrayLike, method: str = "relative") -> Tuple[float, Grads]:
+    """The training surrogate loss and the chosen gradient of the loss, from one forward and one backward pass.
+
+    The returned loss is -mean(L_p + L_J^1): it omits the parameter-only term -sum_k log|det W_k|, which a
+    training step never evaluates (it would cost O(D^3)); its gradient is nonetheless included in every rule.
+    Use ``model.log_likelihood`` for the exact value.
+
+    Shapes:
+        x: ``(M, D)``; returns a float and L pairs ``(dW (D, D), db (D,))``.
+    """
+    _check_method(method)
+    tr = model.trace(x)
+    base, activation = model._data_terms(tr)
+    return -float(np.mean(base + activation)), _layer_gradients(model, tr, method)
+
+
+def gradients(model: DenseFlow, x: ArrayLike, method: str = "relative") -> Grads:
+    """Gradient of the mean negative log-likelihood of the batch x (minimisation convention).
+
+    method: ``"relative"`` (strict augmented relative gradient, O(M D^2)), ``"authors"`` (the published code's
+    rule: no ``-b`` on the bias), ``"ordinary"`` (Euclidean gradient with an explicit inverse, O(D^3)).
+    ``"autodiff"`` is torch-only.
+
+    Shapes:
+        x: ``(M, D)``; returns L pairs ``(dW (D, D), db (D,))``, layer 1 first.
+    """
+    return loss_and_gradients(model, x, method)[1]

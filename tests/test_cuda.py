@@ -1,0 +1,133 @@
+"""relgrad.torch on a CUDA GPU: the CPU checks again on the device (skipped when no GPU is present)."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import numpy as np
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import relgrad.numpy as rn
+import relgrad.torch as rt
+from relgrad.torch.train import make_adam
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+F64 = torch.float64
+FORBIDDEN = re.compile(r"(^|_)(slogdet|det|logdet|inv|inverse|solve|lu|svd|svdvals|eig|eigh|cholesky|qr|pinv)(_|$)")
+
+
+def flow(dim: int, n_layers: int, device: str, dtype: torch.dtype = F64, seed: int = 0) -> rt.DenseFlow:
+    """Generic (non-orthogonal) weights and non-zero biases, drawn on the CPU so every device gets the same."""
+    g = torch.Generator().manual_seed(seed)
+    model = rt.DenseFlow(dim, n_layers, generator=g, dtype=dtype, device=device)
+    with torch.no_grad():
+        for w, b in zip(model.weights, model.biases):
+            w.copy_(torch.eye(dim, dtype=F64) + 0.5 * torch.randn(dim, dim, generator=g, dtype=F64) / math.sqrt(dim))
+            b.copy_(0.6 * torch.randn(dim, generator=g, dtype=F64))
+    return model
+
+
+def data(m: int, dim: int, seed: int = 1) -> torch.Tensor:
+    return 1.5 * torch.randn(m, dim, generator=torch.Generator().manual_seed(seed), dtype=F64)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().cpu().double(), b.detach().cpu().double()
+    return ((a - b).norm() / b.norm()).item()
+
+
+def test_model_lives_on_the_gpu() -> None:
+    model = flow(4, 2, "cuda")
+    assert all(p.device.type == "cuda" for p in model.parameters())
+    x = data(5, 4)  # a CPU batch is moved to the model's device
+    assert model(x).device.type == "cuda" and model.log_likelihood(x).device.type == "cuda"
+    assert rt.DenseFlow(3, device="auto").device.type == "cuda"
+
+
+@pytest.mark.parametrize("dim,n_layers", [(3, 1), (6, 3), (32, 2)])
+def test_float64_gradient_identities_on_gpu(dim: int, n_layers: int) -> None:
+    model = flow(dim, n_layers, "cuda")
+    x = data(9, dim).cuda()
+    ordinary, autodiff = rt.gradients(model, x, "ordinary"), rt.gradients(model, x, "autodiff")
+    assert max(rel(a, b) for pa, pb in zip(ordinary, autodiff) for a, b in zip(pa, pb)) < 1e-11
+    relative = rt.gradients(model, x, "relative")
+    for (dw, db), (gw, gb), w, b in zip(relative, autodiff, model.weights, model.biases):
+        a_hat = torch.zeros(dim + 1, dim + 1, dtype=F64, device="cuda")
+        a_hat[:dim, :dim], a_hat[:dim, dim], a_hat[dim, dim] = w.detach(), b.detach(), 1.0
+        want = torch.cat([gw, gb[:, None]], dim=1) @ (a_hat.T @ a_hat)
+        assert rel(dw, want[:, :dim]) < 1e-10 and rel(db, want[:, dim]) < 1e-10
+
+
+def test_gpu_agrees_with_cpu_and_numpy() -> None:
+    gpu, cpu = flow(10, 3, "cuda"), flow(10, 3, "cpu")
+    x = data(12, 10)
+    nm = rn.DenseFlow(10, 3)
+    for k in range(3):
+        nm.weights[k][...] = cpu.weights[k].detach().numpy()
+        nm.biases[k][...] = cpu.biases[k].detach().numpy()
+    assert rel(gpu.log_likelihood(x), cpu.log_likelihood(x)) < 1e-12
+    assert rel(gpu.log_likelihood(x), torch.tensor(nm.log_likelihood(x.numpy()))) < 1e-12
+    assert rel(gpu.inverse(x), cpu.inverse(x)) < 1e-12
+    for method in ("relative", "authors", "ordinary"):
+        gg, gn = rt.gradients(gpu, x, method), rn.gradients(nm, x.numpy(), method)
+        for pg, pn in zip(gg, gn):
+            assert rel(pg[0], torch.tensor(pn[0])) < 1e-12 and rel(pg[1], torch.tensor(pn[1])) < 1e-12
+
+
+def test_relative_step_on_gpu_never_factorises() -> None:
+    class Recorder(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ops = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.add(func._schema.name.split("::")[-1])
+            return func(*args, **(kwargs or {}))
+
+    model, x = flow(16, 3, "cuda", torch.float32), data(4, 16).float().cuda()
+    seen = {}
+    for method in ("relative", "autodiff"):
+        rec = Recorder()
+        with rec:
+            rt.training_loss(model, x, method).backward()
+        seen[method] = {op for op in rec.ops if FORBIDDEN.search(op)}
+    assert seen["relative"] == set() and any("slogdet" in op for op in seen["autodiff"])
+
+
+def test_float32_training_on_gpu() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1200, 4)) @ np.array([[1.0, 0.5, 0, 0], [0, 1.0, 0, 0], [0, 0, 2.0, 0], [0, 0, 0.3, 1.0]])
+    x = torch.tensor((x - x.mean(0)) / x.std(0), dtype=torch.float32)
+    model = rt.DenseFlow(4, 2, generator=0, device="cuda")
+    assert make_adam(model.parameters()).defaults["fused"] is True
+    start = model.log_likelihood(x[1000:].cuda()).mean().item()
+    hist = rt.fit(model, x[:1000], x[1000:], epochs=5, lr=1e-2, generator=0, progress=False)
+    assert model.dtype == torch.float32 and model.device.type == "cuda"
+    assert all(math.isfinite(v) for v in hist.val_log_likelihood)
+    assert hist.best_val_log_likelihood > start + 0.1
+
+
+def test_sampling_on_gpu() -> None:
+    model = flow(3, 2, "cuda", torch.float32)
+    xs = model.sample(11, generator=4)
+    assert xs.shape == (11, 3) and xs.device.type == "cuda" and xs.dtype == torch.float32
+    g = torch.Generator(device="cuda").manual_seed(4)
+    xg = model.sample(11, generator=g)
+    assert xg.device.type == "cuda" and torch.isfinite(xg).all()
+    assert torch.equal(xg, model.sample(11, generator=torch.Generator(device="cuda").manual_seed(4)))
+    assert torch.allclose(model.inverse(model(xs)), xs, atol=1e-4)
+
+
+def test_checkpoint_from_gpu_to_cpu(tmp_path) -> None:
+    gpu = flow(5, 2, "cuda")
+    rt.save_checkpoint(gpu, tmp_path / "gpu.pt")
+    cpu = rt.load_checkpoint(flow(5, 2, "cpu", seed=9), tmp_path / "gpu.pt")
+    x = data(6, 5)
+    assert torch.equal(cpu.log_likelihood(x), gpu.log_likelihood(x).cpu()) or rel(cpu.log_likelihood(x), gpu.log_likelihood(x)) < 1e-12

@@ -1,0 +1,250 @@
+"""relgrad.torch gradients: identities between the four methods, the custom autograd Functions, op and FLOP
+counts of a training step."""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import List, Set
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
+
+from relgrad.training import METHODS
+from relgrad.torch import (
+    DenseFlow,
+    deltas,
+    dlog_sigma_prime,
+    gradients,
+    loss_and_gradients,
+    sigma,
+    sigma_prime,
+    training_loss,
+)
+
+F64 = torch.float64
+SHAPES = [(1, 1), (3, 1), (2, 2), (5, 3), (8, 4)]
+
+
+def random_flow(dim: int, n_layers: int, seed: int = 0, dtype: torch.dtype = F64) -> DenseFlow:
+    """Non-orthogonal weights and non-zero biases, so that every term of every identity is exercised."""
+    g = torch.Generator().manual_seed(seed)
+    model = DenseFlow(dim, n_layers, generator=g, dtype=dtype, device="cpu")
+    with torch.no_grad():
+        for w, b in zip(model.weights, model.biases):
+            w.copy_(torch.eye(dim, dtype=F64) + 0.5 * torch.randn(dim, dim, generator=g, dtype=F64) / math.sqrt(dim))
+            b.copy_(0.7 * torch.randn(dim, generator=g, dtype=F64))
+    return model
+
+
+def data(m: int, dim: int, seed: int = 1) -> torch.Tensor:
+    return 1.5 * torch.randn(m, dim, generator=torch.Generator().manual_seed(seed), dtype=F64)
+
+
+def max_rel(a: List[torch.Tensor], b: List[torch.Tensor]) -> float:
+    return max(((x - y).norm() / y.norm()).item() for x, y in zip(a, b))
+
+
+def flat(grads) -> List[torch.Tensor]:
+    return [t for pair in grads for t in pair]
+
+
+# --------------------------------------------------------------------------------------------- deltas
+@pytest.mark.parametrize("dim,n_layers", SHAPES)
+def test_deltas_match_handwritten_backprop(dim: int, n_layers: int) -> None:
+    model = random_flow(dim, n_layers)
+    x = data(7, dim)
+    tr = model.trace(x)
+    got = deltas(model, tr)
+    # Delta_L = S/M; Delta_k = (Delta_{k+1} W_{k+1}) * sigma'(Y_k) - sigma''/sigma'(Y_k) / M
+    want = [tr.s / 7]
+    for k in range(n_layers - 2, -1, -1):
+        y = tr.ys[k]
+        want.insert(0, (want[0] @ model.weights[k + 1]) * sigma_prime(y, model.alpha) - dlog_sigma_prime(y, model.alpha) / 7)
+    assert len(got) == n_layers
+    assert max_rel(got, [w.detach() for w in want]) < 1e-13
+
+
+# --------------------------------------------------------------------------------------------- identities
+@pytest.mark.parametrize("dim,n_layers", SHAPES)
+def test_ordinary_equals_autodiff(dim: int, n_layers: int) -> None:
+    model = random_flow(dim, n_layers, seed=dim)
+    x = data(9, dim)
+    ordinary, autodiff = gradients(model, x, "ordinary"), gradients(model, x, "autodiff")
+    err = max_rel(flat(ordinary), flat(autodiff))
+    print(f"D={dim} L={n_layers}: |ordinary - autodiff| / |autodiff| = {err:.1e}")
+    assert err < 1e-12
+    # and the autodiff gradient is the gradient of the exact mean NLL
+    params = list(model.parameters())
+    nll = -model.log_likelihood(x).mean()
+    exact = torch.autograd.grad(nll, [p for pair in zip(model.weights, model.biases) for p in pair])
+    assert max_rel(flat(autodiff), list(exact)) < 1e-13
+    assert len(params) == 2 * n_layers
+
+
+def augmented_relative(w: torch.Tensor, b: torch.Tensor, dw: torch.Tensor, db: torch.Tensor):
+    """[G | g] Ahat^T Ahat, top D rows, with Ahat = [[W, b], [0, 1]]: the definition (O(D^3), test only)."""
+    dim = w.shape[0]
+    a_hat = torch.zeros(dim + 1, dim + 1, dtype=w.dtype)
+    a_hat[:dim, :dim], a_hat[:dim, dim], a_hat[dim, dim] = w, b, 1.0
+    out = torch.cat([dw, db[:, None]], dim=1) @ (a_hat.T @ a_hat)
+    return out[:, :dim], out[:, dim]
+
+
+@pytest.mark.parametrize("dim,n_layers", SHAPES)
+def test_relative_is_ordinary_times_augmented_metric(dim: int, n_layers: int) -> None:
+    model = random_flow(dim, n_layers, seed=10 + dim)
+    x = data(6, dim, seed=2)
+    relative, autodiff = gradients(model, x, "relative"), gradients(model, x, "autodiff")
+    want = [augmented_relative(w.detach(), b.detach(), dw, db)
+            for w, b, (dw, db) in zip(model.weights, model.biases, autodiff)]
+    err = max_rel(flat(relative), flat(want))
+    print(f"D={dim} L={n_layers}: |relative - [G|g] Ahat^T Ahat| / |.| = {err:.1e}")
+    assert err <= 1e-10
+    authors = gradients(model, x, "authors")
+    for (rw, rb), (aw, ab), b in zip(relative, authors, model.biases):
+        assert torch.equal(rw, aw)  # the weight rule is the same
+        assert torch.allclose(ab - rb, b.detach(), rtol=0, atol=1e-14)  # authors lack exactly the "-b"
+
+
+def test_relative_gradient_is_a_descent_direction() -> None:
+    model = random_flow(6, 3)
+    x = data(20, 6)
+    ordinary, relative = flat(gradients(model, x, "ordinary")), flat(gradients(model, x, "relative"))
+    assert sum((o * r).sum() for o, r in zip(ordinary, relative)) > 0
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_training_loss_value_and_backward(method: str) -> None:
+    model = random_flow(4, 3)
+    x = data(5, 4)
+    loss = training_loss(model, x, method)
+    terms = model.log_likelihood_terms(x)
+    data_part = -(terms.base + terms.activation).mean()
+    expected = data_part - terms.logdet[0] if method == "autodiff" else data_part
+    assert torch.allclose(loss, expected, rtol=1e-14)
+    assert loss.shape == ()
+    loss.backward()
+    for (dw, db), w, b in zip(gradients(model, x, method), model.weights, model.biases):
+        assert torch.allclose(w.grad, dw, rtol=1e-14, atol=1e-15) and torch.allclose(b.grad, db, rtol=1e-14, atol=1e-15)
+    value, grads = loss_and_gradients(model, x, method)
+    assert value == pytest.approx(loss.item(), rel=1e-14) and len(grads) == 3
+
+
+def test_gradients_leave_existing_grad_untouched() -> None:
+    model = random_flow(3, 2)
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 7.0)
+    gradients(model, data(4, 3), "relative")
+    assert all(torch.equal(p.grad, torch.full_like(p, 7.0)) for p in model.parameters())
+
+
+def test_relative_linear_scales_with_upstream_gradient() -> None:
+    # backward must be linear in its incoming gradient (it multiplies Delta, whatever the loss scale)
+    model = random_flow(4, 2)
+    x = data(5, 4)
+    (3.0 * training_loss(model, x, "relative")).backward()
+    for (dw, db), w, b in zip(gradients(model, x, "relative"), model.weights, model.biases):
+        assert torch.allclose(w.grad, 3 * dw, rtol=1e-13) and torch.allclose(b.grad, 3 * db, rtol=1e-13)
+
+
+def test_sgd_step_applies_the_relative_gradient() -> None:
+    model = random_flow(5, 3)
+    x = data(8, 5)
+    lr = 0.05
+    grads = gradients(model, x, "relative")
+    expected = [(w.detach() - lr * dw, b.detach() - lr * db) for (dw, db), w, b in zip(grads, model.weights, model.biases)]
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    opt.zero_grad()
+    training_loss(model, x, "relative").backward()
+    opt.step()
+    for (ew, eb), w, b in zip(expected, model.weights, model.biases):
+        assert torch.allclose(w.detach(), ew, rtol=0, atol=1e-15) and torch.allclose(b.detach(), eb, rtol=0, atol=1e-15)
+
+
+def test_float32_relative_gradient_close_to_float64() -> None:
+    m64 = random_flow(6, 3)
+    m32 = random_flow(6, 3, dtype=torch.float32)
+    x = data(10, 6)
+    g64, g32 = flat(gradients(m64, x, "relative")), flat(gradients(m32, x.float(), "relative"))
+    assert all(g.dtype == torch.float32 for g in g32)
+    assert max_rel([g.double() for g in g32], g64) < 1e-5
+
+
+def test_unknown_method_lists_valid_ones() -> None:
+    model = random_flow(2, 2)
+    with pytest.raises(ValueError, match="relative.*authors.*ordinary.*autodiff"):
+        training_loss(model, data(3, 2), "natural")
+    with pytest.raises(ValueError):
+        gradients(model, data(3, 2), "Relative")
+
+
+# --------------------------------------------------------------------------------------------- op and FLOP counts
+# Any factorisation, inverse, solve or determinant: the O(D^3) work a relative step must never do.
+FORBIDDEN = re.compile(r"(^|_)(slogdet|det|logdet|inv|inverse|solve|lu|svd|svdvals|eig|eigh|cholesky|qr|pinv)(_|$)")
+
+
+class OpRecorder(TorchDispatchMode):
+    """Records the name of every ATen op that runs (forward and backward, including custom Functions)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: Set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.add(func._schema.name.split("::")[-1])
+        return func(*args, **(kwargs or {}))
+
+
+def forbidden_ops(model: DenseFlow, x: torch.Tensor, method: str) -> Set[str]:
+    rec = OpRecorder()
+    with rec:
+        training_loss(model, x, method).backward()
+    return {op for op in rec.ops if FORBIDDEN.search(op)}
+
+
+@pytest.mark.parametrize("method", ["relative", "authors"])
+def test_relative_step_never_factorises(method: str) -> None:
+    model = random_flow(16, 3)
+    x = data(4, 16)
+    assert forbidden_ops(model, x, method) == set()
+
+
+def test_op_recorder_sees_slogdet_and_inverse() -> None:
+    # the instrument can fail: the other methods do call the O(D^3) kernels
+    model = random_flow(16, 3)
+    x = data(4, 16)
+    auto, ordinary = forbidden_ops(model, x, "autodiff"), forbidden_ops(model, x, "ordinary")
+    assert any("slogdet" in op for op in auto), auto
+    assert any(op.startswith("linalg_inv") for op in ordinary), ordinary
+
+
+def counted_flops(fn) -> int:
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def plain_mlp_step(model: DenseFlow, x: torch.Tensor) -> None:
+    """Backprop through the same MLP with nn.Linear-style layers and no log-determinant at all."""
+    z = x
+    for k, (w, b) in enumerate(zip(model.weights, model.biases)):
+        y = torch.nn.functional.linear(z, w, b)
+        z = sigma(y, model.alpha) if k < model.n_layers - 1 else y
+    (0.5 * (z * z).sum()).backward()
+
+
+@pytest.mark.parametrize("n_layers", [1, 2, 3])
+def test_relative_step_flops_are_tight(n_layers: int) -> None:
+    dim, m = 64, 8
+    model = random_flow(dim, n_layers)
+    x = data(m, dim)
+    rel = counted_flops(lambda: training_loss(model, x, "relative").backward())
+    plain = counted_flops(lambda: plain_mlp_step(model, x))
+    rel_ratio, plain_ratio = rel / ((8 * n_layers - 2) * m * dim**2), plain / ((6 * n_layers - 2) * m * dim**2)
+    print(f"L={n_layers}: relative {rel} flops = {rel_ratio:.3f} (8L-2)MD^2; plain MLP {plain} = {plain_ratio:.3f} (6L-2)MD^2")
+    assert abs(rel_ratio - 1) < 0.1 and abs(plain_ratio - 1) < 0.1
+    assert counted_flops(lambda: training_loss(model, x, "authors").backward()) == rel
