@@ -15,13 +15,14 @@ STAMP := $(ENV_DIR)/.relgrad-installed
 export TQDM_DISABLE ?= 1
 export PYTHONHASHSEED ?= 0
 
-.PHONY: help env book test check sync clean student
+.PHONY: help env book test check sync clean student colab
 
 help:
 	@echo "make book   build the website into _build/html (executes every chapter)"
 	@echo "make test   run pytest: unit tests + every book/*.ipynb executed by nbval"
 	@echo "make check  pairing check (.md <-> .ipynb in sync, no outputs, setup cells current)"
 	@echo "make sync   regenerate setup cells and .ipynb twins from the .md sources"
+	@echo "make colab  rehearse Colab offline: a fresh venv with only Colab's packages, every chapter run from a clone of HEAD"
 	@echo "make clean  remove _build"
 
 $(PY):
@@ -47,6 +48,10 @@ check: $(STAMP)
 
 sync: $(STAMP)
 	$(PY) tools/sync_notebooks.py
+
+# COLAB_ARGS="--source worktree" rehearses uncommitted work too; see `python tools/colab_rehearsal.py --help`.
+colab: $(STAMP)
+	$(PY) tools/colab_rehearsal.py $(COLAB_ARGS)
 
 clean:
 	rm -rf _build
