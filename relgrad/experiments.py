@@ -1,0 +1,369 @@
+"""Paper-scale image experiments: train a dense flow on digits, MNIST or Fashion-MNIST from the command line.
+
+Run ``python -m relgrad.experiments --help``.  One run loads an image dataset (dequantised, logit
+transform with ``lam``), trains a :class:`relgrad.torch.DenseFlow` with Adam and the chosen gradient
+(``relative``, ``authors``, ``autodiff`` or ``ordinary``), keeps the parameters of the epoch with the best
+exact validation log-likelihood, and evaluates the test set.  It writes
+
+* ``OUT`` (a CSV): one row per epoch (row 0 is the initial model), with the training surrogate loss, the
+  exact validation log-likelihood in logit-space nats and in bits/dim, steps and elapsed seconds;
+* ``OUT`` with suffix ``.json``: a summary (the exact command line, dataset, sizes, hyperparameters,
+  machine, date, wall time, why training stopped, best epoch, and the test log-likelihood both in the
+  paper's convention, logit-space nats without the preprocessing Jacobian, and in bits/dim with the full
+  Jacobian, each as mean +- 2 standard errors);
+* optionally ``--samples N --samples-out FILE.npy``: N model samples as integer pixels ``(N, H, W)``.
+
+``--max-minutes`` caps the wall-clock time of training: the run stops cleanly (mid-epoch if need be),
+keeps the best parameters seen so far and still evaluates the test set; the JSON says it was cut.
+``--quick`` is a smoke test that finishes in seconds.
+
+The committed results of the book's runs live in ``relgrad/results/`` (see :func:`results_dir`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+
+__all__ = ["build_parser", "main", "run", "results_dir", "load_result", "HISTORY_FIELDS"]
+
+#: Columns of the per-epoch CSV, in order.
+HISTORY_FIELDS = (
+    "epoch", "steps", "seconds", "train_loss", "val_logit_nats", "val_bpd", "partial", "best",
+)
+#: Split sizes of ``--quick`` (train, val, test).
+QUICK_SIZES = (200, 100, 100)
+
+
+def results_dir() -> Path:
+    """The folder of the committed results (``relgrad/results``), found relative to the installed package."""
+    return Path(__file__).resolve().parent / "results"
+
+
+def load_result(name: str) -> Dict[str, Any]:
+    """Read a committed run: ``{"summary": <the JSON dict>, "history": <dict of CSV columns as arrays>}``.
+
+    ``name`` is the file stem in :func:`results_dir`, e.g. ``"fashion_mnist_relative_paper"``.
+    """
+    base = results_dir() / name
+    summary = json.loads(base.with_suffix(".json").read_text())
+    return {"summary": summary, "history": read_history(base.with_suffix(".csv"))}
+
+
+def read_history(path: "str | os.PathLike[str]") -> Dict[str, np.ndarray]:
+    """The per-epoch CSV as a dict of float arrays (``partial`` and ``best`` as 0/1)."""
+    with open(path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    return {key: np.array([float(r[key]) for r in rows]) for key in HISTORY_FIELDS}
+
+
+# ============================================================================================ CLI
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line interface of ``python -m relgrad.experiments``."""
+    p = argparse.ArgumentParser(
+        prog="python -m relgrad.experiments",
+        description=(
+            "Train a dense normalizing flow (relgrad.torch.DenseFlow) on an image dataset with Adam and "
+            "the relative (or another) gradient; write a per-epoch CSV and a JSON summary with the test "
+            "log-likelihood in logit-space nats (the paper's MNIST convention) and in bits/dim (full "
+            "preprocessing Jacobian)."
+        ),
+        epilog=(
+            "Example (the paper's MNIST setting, on Fashion-MNIST from Debian's dataset-fashion-mnist): "
+            "python -m relgrad.experiments --dataset fashion-mnist --layers 2 --batch-size 10 --lr 1e-4 "
+            "--alpha 0.01 --lam 1e-6 --method relative --max-minutes 35 "
+            "--out relgrad/results/fashion_mnist_relative_paper.csv"
+        ),
+    )
+    d = p.add_argument_group("data")
+    d.add_argument("--dataset", default="fashion-mnist", choices=["digits", "mnist", "fashion-mnist"],
+                   help="image dataset (default: fashion-mnist, read offline from Debian's package or --data-dir)")
+    d.add_argument("--data-dir", default=None,
+                   help="folder with the four IDX files (default: relgrad.datasets.default_data_dir)")
+    d.add_argument("--download", action="store_true",
+                   help="download the IDX files into --data-dir first (needs internet; mnist/fashion-mnist)")
+    d.add_argument("--train-size", type=int, default=None, help="limit the training set (default: all)")
+    d.add_argument("--val-size", type=int, default=None, help="limit the validation set (default: all)")
+    d.add_argument("--test-size", type=int, default=None, help="limit the test set (default: all)")
+    d.add_argument("--lam", type=float, default=1e-6, help="logit transform margin lambda (default 1e-6)")
+    m = p.add_argument_group("model and training")
+    m.add_argument("--layers", type=int, default=2, help="number of dense layers L (default 2)")
+    m.add_argument("--alpha", type=float, default=0.01,
+                   help="smooth leaky ReLU slope (default 0.01, the authors' JAX code)")
+    m.add_argument("--method", default="relative", choices=["relative", "authors", "autodiff", "ordinary"],
+                   help="gradient (default relative: the strict augmented-matrix rule)")
+    m.add_argument("--batch-size", type=int, default=10, help="minibatch size M (default 10, the paper's)")
+    m.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (default 1e-4, the paper's)")
+    m.add_argument("--epochs", type=int, default=100, help="maximum number of epochs (default 100)")
+    m.add_argument("--patience", type=int, default=30,
+                   help="early-stopping patience in epochs (default 30, the authors' look-ahead; 0 = never)")
+    m.add_argument("--max-minutes", type=float, default=None,
+                   help="wall-clock cap on training; stops cleanly, keeping the best epoch (default: none)")
+    m.add_argument("--seed", type=int, default=0, help="seed of the init, dequantisation and shuffling")
+    r = p.add_argument_group("runtime and output")
+    r.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default auto)")
+    r.add_argument("--dtype", default="float32", choices=["float32", "float64"], help="(default float32)")
+    r.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    r.add_argument("--out", default="image_run.csv",
+                   help="per-epoch CSV path; the JSON summary goes next to it with suffix .json")
+    r.add_argument("--samples", type=int, default=0, help="draw this many samples from the best model")
+    r.add_argument("--samples-out", default=None,
+                   help="where to save the samples (.npy of integer pixels, N x H x W; default OUT-stem_samples.npy)")
+    r.add_argument("--checkpoint", default=None, help="save the best model here (relgrad.torch.save_checkpoint)")
+    r.add_argument("--quick", action="store_true",
+                   help=f"smoke test: sizes {QUICK_SIZES}, 1 epoch, a few seconds (overrides sizes and epochs)")
+    r.add_argument("--quiet", action="store_true", help="no per-epoch lines")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    """Parse ``argv`` (default ``sys.argv[1:]``), run, and return the summary dict."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    command = "python -m relgrad.experiments " + " ".join(shlex.quote(a) for a in argv)
+    return run(args, command=command)
+
+
+# ============================================================================================ helpers
+def _sizes(args: argparse.Namespace) -> Optional[tuple]:
+    if args.quick:
+        return QUICK_SIZES
+    if args.dataset == "digits":
+        default = (1197, 300, 300)
+    else:
+        default = (50000, 10000, 10000)
+    given = (args.train_size, args.val_size, args.test_size)
+    return tuple(g if g is not None else d for g, d in zip(given, default))
+
+
+def _machine(device: str) -> Dict[str, Any]:
+    import torch
+
+    info: Dict[str, Any] = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "device": device,
+    }
+    info["device_name"] = torch.cuda.get_device_name(device) if device.startswith("cuda") else _cpu_name()
+    return info
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def _per_sample_log_likelihood(model: Any, x: Any, chunk: int = 2000) -> np.ndarray:
+    """Exact per-sample log p_Y(y) (logit space, nats) as float64 NumPy, in chunks."""
+    import torch
+
+    out = []
+    with torch.no_grad():
+        for start in range(0, x.shape[0], chunk):
+            out.append(model.log_likelihood(x[start:start + chunk]).double().cpu().numpy())
+    return np.concatenate(out)
+
+
+def _finite_or_none(v: float) -> Optional[float]:
+    return float(v) if math.isfinite(float(v)) else None
+
+
+# ============================================================================================ the run
+def run(args: argparse.Namespace, *, command: str = "") -> Dict[str, Any]:
+    """Train and evaluate as described by ``args`` (see :func:`build_parser`); write the CSV and JSON."""
+    import torch
+
+    from . import datasets
+    from .errors import TrainingDivergedError
+    from .torch import DenseFlow, save_checkpoint, training_loss
+    from .torch.train import make_adam, mean_log_likelihood
+    from .training import EarlyStopping, check_loss, minibatch_indices, validation_score
+    from .utils import progress, select_device
+
+    wall_start = time.perf_counter()
+    started = _dt.datetime.now(_dt.timezone.utc)
+    if args.threads is not None:
+        torch.set_num_threads(int(args.threads))
+    device = select_device(args.device)
+    dtype = getattr(torch, args.dtype)
+    epochs = 1 if args.quick else int(args.epochs)
+    sizes = _sizes(args)
+    seeds = np.random.SeedSequence(int(args.seed)).spawn(3)  # data, shuffling, sampling
+    out_csv = Path(args.out)
+    out_json = out_csv.with_suffix(".json")
+    out_csv.parent.mkdir(parents=True, exist_ok=True)
+    say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, flush=True))
+
+    # ---------------------------------------------------------------- data
+    if args.download:
+        if args.dataset == "digits":
+            raise SystemExit("--download applies to mnist and fashion-mnist only (digits ship with scikit-learn)")
+        datasets.download_mnist(args.data_dir, kind=args.dataset)
+    split = datasets.load_dataset(args.dataset, rng=np.random.default_rng(seeds[0]), sizes=sizes,
+                                  space="logit", lam=args.lam, directory=args.data_dir)
+    info = split.info
+    levels, lam, dim = int(info["levels"]), float(info["lam"]), split.dim
+    data_dir = None
+    if args.dataset != "digits":
+        data_dir = str(Path(args.data_dir) if args.data_dir else datasets.default_data_dir(args.dataset))
+    x_train, x_val, x_test = (torch.as_tensor(a, dtype=dtype, device=device) for a in split)
+    # Constant shifting logit-space nats to pixel-space nats on the validation set (Jacobian - D log K).
+    val_shift = float(np.mean(datasets.logit_log_jacobian(split.val, lam))) - dim * math.log(levels)
+
+    def to_bpd(logit_nats: float) -> float:
+        return -(logit_nats + val_shift) / (dim * math.log(2.0))
+
+    # ---------------------------------------------------------------- model and optimiser
+    model = DenseFlow(dim, args.layers, alpha=args.alpha, generator=int(args.seed), device=device, dtype=dtype)
+    opt = make_adam(model.parameters(), lr=args.lr)
+    shuffle_rng = np.random.default_rng(seeds[1])
+    cap = None if args.max_minutes is None else 60.0 * float(args.max_minutes)
+    patience = None if args.patience in (None, 0) else int(args.patience)
+    stopper = EarlyStopping(patience)
+    history: List[Dict[str, Any]] = []
+    train_start = time.perf_counter()
+
+    def record(epoch: int, steps: int, loss: float, partial: bool) -> None:
+        val = validation_score(lambda: mean_log_likelihood(model, x_val), epoch=epoch)
+        is_best = stopper.update(val, epoch)
+        if is_best:
+            best_state.clear()
+            best_state.update({k: v.detach().clone() for k, v in model.state_dict().items()})
+        row = {"epoch": epoch, "steps": steps, "seconds": time.perf_counter() - train_start,
+               "train_loss": loss, "val_logit_nats": val, "val_bpd": to_bpd(val),
+               "partial": int(partial), "best": int(is_best)}
+        history.append(row)
+        say(f"epoch {epoch:4d}{'*' if partial else ' '} steps {steps:7d}  {row['seconds']:8.1f} s  "
+            f"train loss {loss:10.3f}  val {val:10.3f} logit nats  {row['val_bpd']:.4f} bpd"
+            + ("  (best)" if is_best else ""))
+
+    best_state: Dict[str, Any] = {}
+    record(0, 0, float("nan"), False)  # the initial model
+    stopped_by, steps, error = "epochs", 0, None
+    n_batches = math.ceil(x_train.shape[0] / args.batch_size)
+    try:
+        for epoch in range(1, epochs + 1):
+            total, seen, cut = 0.0, 0, False
+            batches = progress(minibatch_indices(x_train.shape[0], args.batch_size, shuffle_rng),
+                               total=n_batches, desc=f"epoch {epoch}", leave=False)
+            for idx in batches:
+                opt.zero_grad(set_to_none=True)
+                loss = training_loss(model, x_train[torch.as_tensor(idx, device=device)], args.method)
+                value = float(loss.detach())
+                steps += 1
+                check_loss(value, epoch=epoch, step=steps)
+                loss.backward()
+                opt.step()
+                total, seen = total + value * len(idx), seen + len(idx)
+                if cap is not None and time.perf_counter() - train_start > cap:
+                    cut = True
+                    break
+            record(epoch, steps, total / max(seen, 1), cut)
+            if cut:
+                stopped_by = "time_cap"
+                break
+            if stopper.should_stop:
+                stopped_by = "patience"
+                break
+    except TrainingDivergedError as err:
+        stopped_by, error = "diverged", str(err)
+        say(f"stopped: {err}")
+    train_seconds = time.perf_counter() - train_start
+    model.load_state_dict(best_state)  # the best epoch's parameters
+    if args.checkpoint:
+        save_checkpoint(model, args.checkpoint)
+
+    # ---------------------------------------------------------------- test evaluation
+    test_ll = _per_sample_log_likelihood(model, x_test)
+    test = datasets.image_likelihood_summary(test_ll, split.test, lam=lam, levels=levels)
+    samples_path = None
+    if args.samples > 0:
+        gen = torch.Generator().manual_seed(int(np.random.default_rng(seeds[2]).integers(2**62)))
+        s = model.sample(int(args.samples), generator=gen).double().cpu().numpy()
+        pixels = datasets.unit_to_pixels(datasets.logit_inverse(s, lam), levels)
+        samples_path = Path(args.samples_out) if args.samples_out else out_csv.with_name(out_csv.stem + "_samples.npy")
+        np.save(samples_path, pixels.reshape(-1, *info["image_shape"]).astype(np.uint8))
+
+    # ---------------------------------------------------------------- write
+    with open(out_csv, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=HISTORY_FIELDS)
+        writer.writeheader()
+        for row in history:
+            writer.writerow({k: (f"{row[k]:.6f}" if isinstance(row[k], float) else row[k]) for k in HISTORY_FIELDS})
+    full_epochs = sum(1 for r in history[1:] if not r["partial"])
+    summary: Dict[str, Any] = {
+        "command": command,
+        "dataset": args.dataset,
+        "data_dir": data_dir,
+        "dim": dim,
+        "levels": levels,
+        "image_shape": list(info["image_shape"]),
+        "sizes": {"train": int(x_train.shape[0]), "val": int(x_val.shape[0]), "test": int(x_test.shape[0])},
+        "hyperparameters": {
+            "method": args.method, "layers": args.layers, "batch_size": args.batch_size, "lr": args.lr,
+            "optimizer": "Adam (torch, default betas)", "alpha": args.alpha, "lam": lam,
+            "epochs": epochs, "patience": patience, "max_minutes": args.max_minutes, "seed": args.seed,
+            "dtype": args.dtype, "quick": bool(args.quick),
+        },
+        "machine": _machine(device),
+        "date": started.strftime("%Y-%m-%d"),
+        "started_utc": started.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "wall_seconds": round(time.perf_counter() - wall_start, 1),
+        "train_seconds": round(train_seconds, 1),
+        "steps": steps,
+        "stopped_by": stopped_by,
+        "cut_by_time_cap": stopped_by == "time_cap",
+        "epochs_completed": full_epochs,
+        "partial_last_epoch": bool(history[-1]["partial"]),
+        "error": error,
+        "best_epoch": stopper.best_epoch,
+        "best_val_logit_nats": stopper.best,
+        "best_val_bpd": to_bpd(stopper.best),
+        "test": {
+            "logit_nats": test["logit_nats"], "logit_nats_2se": _finite_or_none(test["logit_nats_2se"]),
+            "pixel_nats": test["pixel_nats"], "pixel_nats_2se": _finite_or_none(test["pixel_nats_2se"]),
+            "bpd": test["bpd"], "bpd_2se": _finite_or_none(test["bpd_2se"]),
+            "conventions": {
+                "logit_nats": "mean log p_Y(y) in logit space, nats per image, no preprocessing Jacobian "
+                              "(the relative-gradient paper's MNIST convention)",
+                "pixel_nats": "mean log p_U(u), u in [0, levels)^D, with the dequantisation, scaling and "
+                              "logit Jacobians (SNF / Glow convention)",
+                "bpd": "-pixel_nats / (D ln 2)",
+                "errors": "+- 2 standard errors over the test images",
+            },
+        },
+        "history_csv": out_csv.name,
+        "samples_npy": samples_path.name if samples_path else None,
+    }
+    out_json.write_text(json.dumps(summary, indent=2) + "\n")
+    say(f"test: {test['logit_nats']:.2f} +- {test['logit_nats_2se']:.2f} logit-space nats, "
+        f"{test['bpd']:.4f} +- {test['bpd_2se']:.4f} bits/dim  ({stopped_by}; {full_epochs} full epochs)")
+    say(f"wrote {out_csv} and {out_json}")
+    return summary
+
+
+if __name__ == "__main__":  # pragma: no cover - exercised through subprocess in the tests
+    main()

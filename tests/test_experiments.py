@@ -1,0 +1,113 @@
+"""``python -m relgrad.experiments``: the CLI, the quick smoke runs (digits and an IDX folder), the time cap,
+and the committed results under relgrad/results/."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import math
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+
+from relgrad import experiments  # noqa: E402
+
+SUMMARY_KEYS = {
+    "command", "dataset", "dim", "levels", "sizes", "hyperparameters", "machine", "date", "wall_seconds",
+    "train_seconds", "steps", "stopped_by", "cut_by_time_cap", "epochs_completed", "partial_last_epoch",
+    "best_epoch", "best_val_logit_nats", "best_val_bpd", "test",
+}
+TEST_KEYS = {"logit_nats", "logit_nats_2se", "pixel_nats", "pixel_nats_2se", "bpd", "bpd_2se"}
+MACHINE_KEYS = {"platform", "cpu_count", "torch", "device", "device_name"}
+
+
+def _write_idx(path: Path, arr: np.ndarray) -> None:
+    """An IDX file of uint8 data (type code 0x08), gzipped, as MNIST ships it."""
+    header = struct.pack(">BBBB", 0, 0, 0x08, arr.ndim) + struct.pack(f">{arr.ndim}I", *arr.shape)
+    path.write_bytes(gzip.compress(header + arr.astype(np.uint8).tobytes()))
+
+
+def _check_outputs(csv_path: Path, *, dataset: str, dim: int) -> dict:
+    summary = json.loads(csv_path.with_suffix(".json").read_text())
+    assert SUMMARY_KEYS <= set(summary)
+    assert TEST_KEYS <= set(summary["test"])
+    assert MACHINE_KEYS <= set(summary["machine"])
+    assert summary["dataset"] == dataset and summary["dim"] == dim
+    assert summary["command"].startswith("python -m relgrad.experiments")
+    for key in ("logit_nats", "pixel_nats", "bpd", "logit_nats_2se", "bpd_2se"):
+        assert math.isfinite(summary["test"][key]), key
+    # bits/dim and pixel nats are two views of one number.
+    assert summary["test"]["bpd"] == pytest.approx(-summary["test"]["pixel_nats"] / (dim * math.log(2)))
+    with open(csv_path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert tuple(rows[0]) == experiments.HISTORY_FIELDS
+    assert rows[0]["epoch"] == "0" and len(rows) >= 2  # the initial model, then at least one epoch
+    for row in rows:
+        assert math.isfinite(float(row["val_logit_nats"])) and math.isfinite(float(row["val_bpd"]))
+    return summary
+
+
+def test_help_runs_as_a_module():
+    out = subprocess.run([sys.executable, "-m", "relgrad.experiments", "--help"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    for flag in ("--dataset", "--max-minutes", "--method", "--quick", "--batch-size", "--download"):
+        assert flag in out.stdout
+
+
+def test_quick_digits(tmp_path, monkeypatch):
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    out = tmp_path / "digits.csv"
+    summary = experiments.main(["--quick", "--dataset", "digits", "--out", str(out), "--quiet",
+                                "--device", "cpu", "--samples", "3", "--threads", "1"])
+    s = _check_outputs(out, dataset="digits", dim=64)
+    assert s == summary
+    assert s["sizes"] == dict(zip(("train", "val", "test"), experiments.QUICK_SIZES))
+    assert s["stopped_by"] == "epochs" and s["epochs_completed"] == 1 and not s["cut_by_time_cap"]
+    samples = np.load(tmp_path / "digits_samples.npy")
+    assert samples.shape == (3, 8, 8) and samples.max() <= 16
+
+
+def test_time_cap_stops_cleanly(tmp_path, monkeypatch):
+    """A tiny cap stops after the first step, records a partial epoch and still evaluates the test set."""
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    out = tmp_path / "capped.csv"
+    experiments.main(["--quick", "--dataset", "digits", "--out", str(out), "--quiet", "--device", "cpu",
+                      "--max-minutes", "1e-9", "--epochs", "5"])
+    s = _check_outputs(out, dataset="digits", dim=64)
+    assert s["stopped_by"] == "time_cap" and s["cut_by_time_cap"]
+    assert s["partial_last_epoch"] and s["epochs_completed"] == 0 and s["steps"] == 1
+
+
+def test_quick_idx_folder(tmp_path, monkeypatch):
+    """The IDX path, offline: a tiny Fashion-MNIST-like folder of random 28 x 28 images."""
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    rng = np.random.default_rng(0)
+    data = tmp_path / "fmnist"
+    data.mkdir()
+    _write_idx(data / "train-images-idx3-ubyte.gz", rng.integers(0, 256, (310, 28, 28)))
+    _write_idx(data / "t10k-images-idx3-ubyte.gz", rng.integers(0, 256, (100, 28, 28)))
+    out = tmp_path / "fm.csv"
+    experiments.main(["--quick", "--dataset", "fashion-mnist", "--data-dir", str(data), "--out", str(out),
+                      "--quiet", "--device", "cpu", "--method", "authors"])
+    s = _check_outputs(out, dataset="fashion-mnist", dim=784)
+    assert s["levels"] == 256 and s["hyperparameters"]["method"] == "authors"
+    assert s["data_dir"] == str(data)
+
+
+@pytest.mark.parametrize("path", sorted(experiments.results_dir().glob("*.json")), ids=lambda p: p.stem)
+def test_committed_results_are_complete(path):
+    """Every committed run has its CSV and a JSON the book can read (test numbers finite, cap stated)."""
+    result = experiments.load_result(path.stem)
+    s, h = result["summary"], result["history"]
+    assert SUMMARY_KEYS <= set(s) and TEST_KEYS <= set(s["test"])
+    assert math.isfinite(s["test"]["logit_nats"]) and math.isfinite(s["test"]["bpd"])
+    assert s["epochs_completed"] == int(np.sum(h["partial"][1:] == 0))
+    assert h["epoch"][0] == 0 and np.all(np.isfinite(h["val_logit_nats"]))
