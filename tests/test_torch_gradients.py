@@ -3,13 +3,10 @@ counts of a training step."""
 
 from __future__ import annotations
 
-import math
-import re
-from typing import List, Set
+from typing import List
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from relgrad.training import METHODS
@@ -24,23 +21,9 @@ from relgrad.torch import (
     training_loss,
 )
 
-F64 = torch.float64
+from torch_helpers import data, forbidden_ops, random_flow
+
 SHAPES = [(1, 1), (3, 1), (2, 2), (5, 3), (8, 4)]
-
-
-def random_flow(dim: int, n_layers: int, seed: int = 0, dtype: torch.dtype = F64) -> DenseFlow:
-    """Non-orthogonal weights and non-zero biases, so that every term of every identity is exercised."""
-    g = torch.Generator().manual_seed(seed)
-    model = DenseFlow(dim, n_layers, generator=g, dtype=dtype, device="cpu")
-    with torch.no_grad():
-        for w, b in zip(model.weights, model.biases):
-            w.copy_(torch.eye(dim, dtype=F64) + 0.5 * torch.randn(dim, dim, generator=g, dtype=F64) / math.sqrt(dim))
-            b.copy_(0.7 * torch.randn(dim, generator=g, dtype=F64))
-    return model
-
-
-def data(m: int, dim: int, seed: int = 1) -> torch.Tensor:
-    return 1.5 * torch.randn(m, dim, generator=torch.Generator().manual_seed(seed), dtype=F64)
 
 
 def max_rel(a: List[torch.Tensor], b: List[torch.Tensor]) -> float:
@@ -183,28 +166,6 @@ def test_unknown_method_lists_valid_ones() -> None:
 
 # --------------------------------------------------------------------------------------------- op and FLOP counts
 # Any factorisation, inverse, solve or determinant: the O(D^3) work a relative step must never do.
-FORBIDDEN = re.compile(r"(^|_)(slogdet|det|logdet|inv|inverse|solve|lu|svd|svdvals|eig|eigh|cholesky|qr|pinv)(_|$)")
-
-
-class OpRecorder(TorchDispatchMode):
-    """Records the name of every ATen op that runs (forward and backward, including custom Functions)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: Set[str] = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.add(func._schema.name.split("::")[-1])
-        return func(*args, **(kwargs or {}))
-
-
-def forbidden_ops(model: DenseFlow, x: torch.Tensor, method: str) -> Set[str]:
-    rec = OpRecorder()
-    with rec:
-        training_loss(model, x, method).backward()
-    return {op for op in rec.ops if FORBIDDEN.search(op)}
-
-
 @pytest.mark.parametrize("method", ["relative", "authors"])
 def test_relative_step_never_factorises(method: str) -> None:
     model = random_flow(16, 3)
