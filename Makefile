@@ -22,6 +22,7 @@ help:
 	@echo "make test   run pytest: unit tests + every book/*.ipynb executed by nbval"
 	@echo "make check  pairing check (.md <-> .ipynb in sync, no outputs, setup cells current)"
 	@echo "make sync   regenerate setup cells and .ipynb twins from the .md sources"
+	@echo "make student  write student notebooks (nbgrader-ready) into _build/student (see book/instructors.md)"
 	@echo "make colab  rehearse Colab offline: a fresh venv with only Colab's packages, every chapter run from a clone of HEAD"
 	@echo "make clean  remove _build"
 
@@ -52,6 +53,10 @@ sync: $(STAMP)
 # COLAB_ARGS="--source worktree" rehearses uncommitted work too; see `python tools/colab_rehearsal.py --help`.
 colab: $(STAMP)
 	$(PY) tools/colab_rehearsal.py $(COLAB_ARGS)
+
+# STUDENT_ARGS="--with-solutions --out DIR" writes nbgrader source notebooks; `python tools/make_assignments.py --help`.
+student: $(STAMP)
+	$(PY) tools/make_assignments.py $(STUDENT_ARGS)
 
 clean:
 	rm -rf _build
