@@ -10,7 +10,8 @@ and Delta_k = dLoss_data / dY_k (it includes the 1/M of the mean).  With G_W = D
 
     ordinary:  dW = G_W - W^{-T}                          db = g_b                         (explicit inverse, O(D^3))
     relative:  dW = G_W W^T W + g_b b^T W - W             db = G_W W^T b + g_b (1 + b.b) - b
-    authors:   as relative but without the "- b" on the bias (the rule of the published code).
+    authors:   as relative but without the "- b" on the bias (the rule of the published code), evaluated in the
+               published order: Z W^T recomputed, three M x D x D products and an outer product.
 
 The relative rule is the ordinary gradient of the augmented matrix A = [[W, b], [0, 1]] multiplied on the right
 by A^T A (top D rows).  It is evaluated in O(M D^2) without ever forming W^T W, (Delta^T Y0) W or an inverse:
@@ -114,6 +115,24 @@ def _relative_layer(
     return dw, db
 
 
+def _authors_layer(
+    w: np.ndarray, b: np.ndarray, z: np.ndarray, delta: np.ndarray
+) -> Tuple[np.ndarray, np.ndarray]:
+    """The published code's rule in its evaluation order (the torch twin's ``AuthorsLinear``).
+
+    dW = Delta^T ((Z W^T) W) + outer(g_b, W^T b) - W,  db = Delta^T (Z (W^T b)) + g_b (1 + b.b): the strict rule
+    without the ``- b``, with ``Z W^T`` recomputed (three M x D x D products) and a D x D outer product.
+
+    Shapes:
+        w ``(D, D)``, b ``(D,)``, z and delta ``(M, D)``; returns ``(D, D)``, ``(D,)``.
+    """
+    g_b, wtb = delta.sum(axis=0), w.T @ b
+    dw = delta.T @ ((z @ w.T) @ w)
+    dw += np.outer(g_b, wtb)
+    dw -= w
+    return dw, delta.T @ (z @ wtb) + g_b * (1.0 + b @ b)
+
+
 def _layer_gradients(model: DenseFlow, trace: Trace, method: str) -> Grads:
     """Per-layer (dW, db) of the loss from a trace, for a validated method."""
     grads = []
@@ -121,8 +140,10 @@ def _layer_gradients(model: DenseFlow, trace: Trace, method: str) -> Grads:
         w, b = model.weights[k], model.biases[k]
         if method == "ordinary":
             grads.append(_ordinary_layer(w, trace.zs[k], delta, f"layer {k + 1} of {model.n_layers}"))
+        elif method == "authors":
+            grads.append(_authors_layer(w, b, trace.zs[k], delta))
         else:
-            grads.append(_relative_layer(w, b, trace.ys[k], delta, strict=(method == "relative")))
+            grads.append(_relative_layer(w, b, trace.ys[k], delta, strict=True))
     return grads
 
 

@@ -52,6 +52,7 @@ class Adam:
         self.lr, self.betas, self.eps = float(lr), (float(betas[0]), float(betas[1])), float(eps)
         self.m = [np.zeros_like(p) for p in self.params]
         self.v = [np.zeros_like(p) for p in self.params]
+        self._scratch = [np.empty_like(p) for p in self.params]  # one buffer per parameter: no temporaries
         self.t = 0
 
     def step(self, grads: Sequence[np.ndarray]) -> None:
@@ -66,14 +67,23 @@ class Adam:
         b1, b2 = self.betas
         step_size = self.lr / (1.0 - b1**self.t)  # bias corrections of m and v, folded into scalars
         v_scale = 1.0 / np.sqrt(1.0 - b2**self.t)
-        for p, g, m, v in zip(self.params, grads, self.m, self.v):
+        for p, g, m, v, tmp in zip(self.params, grads, self.m, self.v, self._scratch):
             if g.shape != p.shape:
                 raise ValueError(f"gradient of shape {g.shape} for a parameter of shape {p.shape}")
+            # In place through one scratch buffer: each line is one pass over the parameter (no allocations).
             m *= b1
-            m += (1.0 - b1) * g
+            np.multiply(g, 1.0 - b1, out=tmp)
+            m += tmp
             v *= b2
-            v += (1.0 - b2) * (g * g)
-            p -= step_size * m / (np.sqrt(v) * v_scale + self.eps)
+            np.multiply(g, g, out=tmp)
+            tmp *= 1.0 - b2
+            v += tmp
+            np.sqrt(v, out=tmp)
+            tmp *= v_scale
+            tmp += self.eps
+            np.divide(m, tmp, out=tmp)
+            tmp *= step_size
+            p -= tmp
 
 
 # ------------------------------------------------------------------------------------------- checkpoints

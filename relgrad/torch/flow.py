@@ -96,7 +96,9 @@ def random_orthogonal(dim: int, generator: Optional[torch.Generator], dtype: tor
     # Without the sign fix QR's convention biases the distribution (diag(R) > 0 is not Haar).
     signs = torch.sign(torch.diagonal(r))
     signs[signs == 0] = 1.0
-    return (q * signs).to(dtype)
+    # LAPACK returns Q column-major; a row-major parameter keeps W and its gradient in one memory layout
+    # (otherwise autograd copies every gradient into the parameter's strides and elementwise ops go strided).
+    return (q * signs).to(dtype).contiguous()
 
 
 class DenseFlow(nn.Module):

@@ -3,11 +3,12 @@
 The central piece is :func:`training_loss`: a scalar whose ordinary ``loss.backward()`` leaves the chosen
 gradient in ``W.grad`` / ``b.grad``, so that any ``torch.optim`` optimiser applies it.
 
-* ``"relative"`` (strict, augmented-matrix rule) and ``"authors"`` (the published code: no ``-b`` on the
-  bias): each layer is a :class:`RelativeLinear` autograd Function whose backward returns the relative
-  gradient of the data term directly, in O(M D^2), and a :class:`RelativeLogDet` surrogate adds the relative
-  gradient of ``-log|det W|``, which is just ``-W`` (and ``-b``).  No slogdet, inverse or solve is ever
-  computed, and no D x D x D product either.
+* ``"relative"`` (strict, augmented-matrix rule): each layer is a :class:`RelativeLinear` autograd Function
+  that returns the layer output and a zero-valued stand-in for ``-log|det W|``; its backward returns the
+  relative gradient of both, ``Delta^T (Y W) - W`` and ``Delta^T (Y b) + g_b - b``, in O(M D^2).  No slogdet,
+  inverse or solve is ever computed, and no D x D x D product either.
+* ``"authors"``: :class:`AuthorsLinear`, the published code transcribed: the same direction without the
+  ``-b`` on the bias, evaluated in the published order (three M x D x D products and an outer product).
 * ``"ordinary"``: plain autograd for the data term plus an :class:`OrdinaryLogDet` surrogate whose
   backward returns ``-W^{-T}`` from an explicit inverse (O(D^3) per layer per step).
 * ``"autodiff"``: autograd through ``torch.linalg.slogdet`` of the full negative log-likelihood.
@@ -31,7 +32,7 @@ from .flow import DenseFlow, Trace, standard_normal_log_prob
 __all__ = [
     "METHODS",
     "RelativeLinear",
-    "RelativeLogDet",
+    "AuthorsLinear",
     "OrdinaryLogDet",
     "deltas",
     "training_loss",
@@ -55,57 +56,82 @@ def check_method(method: str) -> str:
 
 # --------------------------------------------------------------------------------------------- Functions
 class RelativeLinear(torch.autograd.Function):
-    """``Y = Z W^T + b`` whose backward returns the relative gradient of the data term w.r.t. (W, b).
+    """``(Y, r) = (Z W^T + b, 0)``: an affine layer and a zero-valued stand-in ``r`` for ``-log|det W|``.
 
-    With ``Delta = dLoss/dY`` (the incoming gradient), ``Y0 = Z W^T`` and ``g_b = Delta^T 1``:
-    ``grad_W = Delta^T (Y0 W) + outer(g_b, W^T b)`` and ``grad_b = Delta^T (Y0 b) + g_b (1 + b.b)``,
-    i.e. ``[G_W | g_b] Ahat^T Ahat`` restricted to the top rows, computed without ever forming ``W^T W``
-    (two M x D x D products).  ``grad_Z = Delta W`` is the ordinary backpropagated gradient (the relative
-    gradient only changes what is handed to the parameters) and is skipped for the first layer.
+    The backward returns *relative* gradients for (W, b).  With ``Delta = dLoss/dY``, ``c = dLoss/dr`` (1 when
+    ``r`` is added to the loss once) and ``g_b = Delta^T 1``:
+
+        grad_W = Delta^T (Y W) - c W
+        grad_b = Delta^T (Y b) + g_b - c b          (strict; ``strict=False``, the authors' rule, drops ``- c b``)
+
+    This is ``[G_W | g_b] Ahat^T Ahat`` (top rows) for the data term plus the relative gradient ``-[W, b]`` of
+    ``-log|det Ahat|``.  Because ``Z W^T + 1 b^T = Y``, the bias terms ``g_b b^T W`` and ``g_b b.b`` are already
+    inside ``Delta^T (Y W)`` and ``Delta^T (Y b)``: two M x D x D products and one in-place D x D update, no
+    ``W^T W``, no outer-product temporary.  ``Y`` is the layer's own output, so saving it costs no memory.
+    ``grad_Z = Delta W`` is the ordinary backpropagated gradient and is skipped when Z needs none (layer 1).
 
     Shapes:
-        z: (M, D), weight: (D, D), bias: (D,); returns Y (M, D).
+        z: (M, D), weight: (D, D), bias: (D,); returns Y (M, D) and a scalar zero.
     """
 
     @staticmethod
-    def forward(ctx, z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        y0 = z @ weight.T
-        # Keep Y0 = Z W^T rather than Z: the weight gradient needs Y0 W, and Y - b would lose digits.
-        ctx.save_for_backward(y0, weight, bias)
-        return y0 + bias
+    def forward(ctx, z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, strict: bool):  # type: ignore[override]
+        y = torch.addmm(bias, z, weight.T)
+        ctx.save_for_backward(y, weight, bias)
+        ctx.strict = strict
+        ctx.set_materialize_grads(False)  # an unused output sends None, not a tensor of zeros
+        return y, weight.new_zeros(())
 
     @staticmethod
     @once_differentiable  # a relative gradient is not the gradient of a function: no double backward
-    def backward(ctx, delta: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:  # type: ignore[override]
-        y0, weight, bias = ctx.saved_tensors
+    def backward(ctx, delta: Optional[torch.Tensor], c: Optional[torch.Tensor]) -> Tuple[Optional[torch.Tensor], ...]:  # type: ignore[override]
+        y, weight, bias = ctx.saved_tensors
+        if delta is None:  # only the log-det stand-in is in the loss
+            delta = torch.zeros_like(y)
         grad_z = delta @ weight if ctx.needs_input_grad[0] else None
-        g_b = delta.sum(dim=0)
-        grad_w = delta.T @ (y0 @ weight) + torch.outer(g_b, weight.T @ bias)
-        grad_b = delta.T @ (y0 @ bias) + g_b * (1.0 + bias @ bias)
-        return grad_z, grad_w, grad_b
+        grad_w = torch.mm(delta.T, y @ weight)  # never (Delta^T Y) W or W^T W: those are O(D^3)
+        grad_b = torch.mv(delta.T, y @ bias) + delta.sum(dim=0)
+        if c is not None:
+            grad_w.addcmul_(weight, c, value=-1.0)  # in place: -c W costs one pass over a D x D matrix
+            if ctx.strict:
+                grad_b.addcmul_(bias, c, value=-1.0)
+        return grad_z, grad_w, grad_b, None
 
 
-class RelativeLogDet(torch.autograd.Function):
-    """Zero-valued surrogate whose backward is the relative gradient of ``-log|det Ahat|``: ``(-W, -b)``.
+class AuthorsLinear(torch.autograd.Function):
+    """The published code's relative gradient, in its own evaluation order: ``(Y, r)`` as :class:`RelativeLinear`.
 
-    With ``strict=False`` (the authors' rule) the bias gets nothing.
+    The backward recomputes ``Y0 = Z W^T`` and adds the bias terms as outer products, as the authors' code does:
+
+        grad_W = Delta^T ((Z W^T) W) + outer(g_b, W^T b) - c W
+        grad_b = Delta^T (Z (W^T b)) + g_b (1 + b.b)              (no "- c b": the authors' bias rule)
+
+    Same values as ``RelativeLinear(strict=False)`` up to rounding, but three M x D x D products instead of two
+    and a D x D outer-product temporary: the "authors" method of the benchmark.
 
     Shapes:
-        weight: (D, D), bias: (D,); returns a scalar zero.
+        z: (M, D), weight: (D, D), bias: (D,); returns Y (M, D) and a scalar zero.
     """
 
     @staticmethod
-    def forward(ctx, weight: torch.Tensor, bias: torch.Tensor, strict: bool) -> torch.Tensor:  # type: ignore[override]
-        ctx.save_for_backward(weight, bias)
-        ctx.strict = strict
-        return weight.new_zeros(())
+    def forward(ctx, z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor):  # type: ignore[override]
+        ctx.save_for_backward(z, weight, bias)
+        ctx.set_materialize_grads(False)
+        return torch.addmm(bias, z, weight.T), weight.new_zeros(())
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:  # type: ignore[override]
-        weight, bias = ctx.saved_tensors
-        grad_b = -grad * bias if ctx.strict else None
-        return -grad * weight, grad_b, None
+    def backward(ctx, delta: Optional[torch.Tensor], c: Optional[torch.Tensor]) -> Tuple[Optional[torch.Tensor], ...]:  # type: ignore[override]
+        z, weight, bias = ctx.saved_tensors
+        if delta is None:
+            delta = torch.zeros(z.shape[0], weight.shape[0], dtype=z.dtype, device=z.device)
+        grad_z = delta @ weight if ctx.needs_input_grad[0] else None
+        g_b, wtb = delta.sum(dim=0), weight.T @ bias
+        grad_w = delta.T @ ((z @ weight.T) @ weight) + torch.outer(g_b, wtb)
+        grad_b = delta.T @ (z @ wtb) + g_b * (1.0 + bias @ bias)
+        if c is not None:
+            grad_w = grad_w - c * weight
+        return grad_z, grad_w, grad_b
 
 
 class OrdinaryLogDet(torch.autograd.Function):
@@ -144,8 +170,16 @@ def _data_loss(model: DenseFlow, x: torch.Tensor, layer: Layer) -> torch.Tensor:
     return -(standard_normal_log_prob(y) + act).mean()
 
 
-def _relative_layer(model: DenseFlow) -> Layer:
-    return lambda k, z: RelativeLinear.apply(z, model.weights[k], model.biases[k])
+def _relative_layer(model: DenseFlow, method: str, stand_ins: List[torch.Tensor]) -> Layer:
+    """Layer k as RelativeLinear ("relative") or AuthorsLinear ("authors"); collects the log-det stand-ins."""
+
+    def layer(k: int, z: torch.Tensor) -> torch.Tensor:
+        w, b = model.weights[k], model.biases[k]
+        y, r = RelativeLinear.apply(z, w, b, True) if method == "relative" else AuthorsLinear.apply(z, w, b)
+        stand_ins.append(r)
+        return y
+
+    return layer
 
 
 def _plain_layer(model: DenseFlow) -> Layer:
@@ -156,10 +190,10 @@ def _training_loss(model: DenseFlow, x: torch.Tensor, method: str) -> torch.Tens
     # Unchecked version for fit(), which validated the whole data set once (a per-step isfinite check
     # would force a device synchronisation on CUDA).
     if method in ("relative", "authors"):
-        loss = _data_loss(model, x, _relative_layer(model))
-        strict = method == "relative"
-        for w, b in zip(model.weights, model.biases):
-            loss = loss + RelativeLogDet.apply(w, b, strict)
+        stand_ins: List[torch.Tensor] = []  # the zero-valued -log|det W_k| of each layer
+        loss = _data_loss(model, x, _relative_layer(model, method, stand_ins))
+        for r in stand_ins:
+            loss = loss + r
         return loss
     loss = _data_loss(model, x, _plain_layer(model))
     if method == "ordinary":
