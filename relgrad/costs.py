@@ -7,7 +7,9 @@ needs no gradient with respect to its input, hence the "−2".
 
 from __future__ import annotations
 
-__all__ = ["flops_plain", "flops_relative", "flops_ordinary", "crossover_dim"]
+__all__ = [
+    "flops_plain", "flops_relative", "flops_authors", "flops_ordinary", "flops_lu", "step_flops", "crossover_dim",
+]
 
 
 def flops_plain(n_layers: int, batch: int, dim: int) -> float:
@@ -23,12 +25,39 @@ def flops_relative(n_layers: int, batch: int, dim: int) -> float:
     return (8 * n_layers - 2) * batch * dim**2
 
 
+def flops_authors(n_layers: int, batch: int, dim: int) -> float:
+    """The published code's evaluation order, ``Δᵀ ((Z Wᵀ) W)``: it recomputes Z Wᵀ, so (10L − 2)·M·D²."""
+    return (10 * n_layers - 2) * batch * dim**2
+
+
+def flops_lu(n_layers: int, batch: int, dim: int) -> float:
+    """An LU-parameterised layer applied as two triangular-masked GEMMs (nflows' LULinear): (12L − 2)·M·D².
+
+    Per layer: forward 2·2MD² (U, then L), gradients of L and U 2·2MD², gradient through L to the
+    intermediate 2MD² and through U to the input 2MD² (not for the first layer).
+    """
+    return (12 * n_layers - 2) * batch * dim**2
+
+
 def flops_ordinary(n_layers: int, batch: int, dim: int) -> float:
     """Backprop plus the explicit log-determinant gradient W⁻ᵀ per layer: (6L − 2)·M·D² + (8/3)·L·D³.
 
     The D³ term counts an LU factorisation (⅔D³) and the solve for the inverse (2D³).
     """
     return flops_plain(n_layers, batch, dim) + 8.0 / 3.0 * n_layers * dim**3
+
+
+def step_flops(method: str, n_layers: int, batch: int, dim: int) -> float:
+    """GEMM flops of one training step of a benchmark method (``"autodiff"`` is counted as ``"ordinary"``:
+    an LU in slogdet's forward and a solve for W⁻ᵀ in its backward; ``"gemm"`` runs the relative step's GEMMs).
+    """
+    table = {
+        "plain": flops_plain, "relative": flops_relative, "gemm": flops_relative, "authors": flops_authors,
+        "ordinary": flops_ordinary, "autodiff": flops_ordinary, "lu": flops_lu,
+    }
+    if method not in table:
+        raise ValueError(f"no FLOP model for method {method!r}; known: {', '.join(table)}")
+    return table[method](n_layers, batch, dim)
 
 
 def crossover_dim(n_layers: int, batch: int) -> float:

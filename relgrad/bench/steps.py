@@ -1,0 +1,193 @@
+"""One training step per benchmark method, split into the gradient (forward + backward) and the optimiser update.
+
+A :class:`Step` is built once per configuration and then called many times by the harness.  Every method
+trains the same dense flow shape (L layers of D x D, batch M) from the same seed with Adam:
+
+=========  ===========================================================================================
+plain      the same MLP and loss without any log-determinant term: the lower bound of any exact method
+relative   the tight relative gradient (``relgrad.torch.RelativeLinear`` / ``relgrad.numpy``), O(L M D^2)
+authors    the published code's evaluation order (three M x D x D products per layer), O(L M D^2)
+ordinary   the Euclidean gradient with an explicit inverse W^{-T} per layer, O(L M D^2 + L D^3)
+autodiff   autograd through ``torch.linalg.slogdet`` (torch only), O(L M D^2 + L D^3)
+lu         LU-parameterised layers as in nflows (torch only, :mod:`relgrad.bench.lu`), O(L M D^2)
+gemm       only the GEMMs of the relative step, at its shapes: the machine's GEMM rate for this step
+=========  ===========================================================================================
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, List, Tuple
+
+import numpy as np
+
+from ..costs import step_flops
+
+__all__ = ["METHODS", "BACKENDS", "TORCH_ONLY", "CUBIC", "Step", "make_step", "available"]
+
+METHODS = ("plain", "relative", "authors", "ordinary", "autodiff", "lu", "gemm")
+BACKENDS = ("torch", "numpy")
+#: Methods the NumPy twin does not have.
+TORCH_ONLY = ("autodiff", "lu")
+#: Methods with an O(D^3) term per step (skipped above ``--max-cubic-dim``).
+CUBIC = ("ordinary", "autodiff")
+
+#: Adam's step size in the benchmark: small, so hundreds of timed steps leave the weights where they started.
+BENCH_LR = 1e-6
+
+
+@dataclass
+class Step:
+    """A benchmark method ready to run.
+
+    ``grad()`` computes the gradient (forward and backward pass) and leaves it where ``update()`` applies it
+    with Adam; ``sync()`` waits for the device.  ``flops`` is the GEMM-flop model of ``grad()``.
+    """
+
+    grad: Callable[[], None]
+    update: Callable[[], None]
+    sync: Callable[[], None]
+    flops: float
+
+
+def _nothing() -> None:
+    return None
+
+
+# --------------------------------------------------------------------------------------------- torch
+def _torch_step(method: str, n_layers: int, batch: int, dim: int, device: str, dtype: str, seed: int) -> Step:
+    import torch
+
+    from ..torch import DenseFlow
+    from ..torch.gradients import _data_loss, _plain_layer, _training_loss
+    from ..torch.train import make_adam
+    from .lu import LUDenseFlow
+
+    tdtype = getattr(torch, dtype)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, dim, generator=gen, dtype=tdtype).to(device)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.startswith("cuda") else _nothing
+    flops = step_flops(method, n_layers, batch, dim)
+
+    if method == "lu":
+        lu_model = LUDenseFlow(dim, n_layers, generator=gen, device=device, dtype=tdtype)
+        opt = make_adam(lu_model.parameters(), lr=BENCH_LR)
+
+        def lu_grad() -> None:
+            opt.zero_grad(set_to_none=True)
+            lu_model.loss(x).backward()
+
+        return Step(lu_grad, opt.step, sync, flops)
+
+    model = DenseFlow(dim, n_layers, generator=gen, device=device, dtype=tdtype)
+    if method == "gemm":
+        ws = [w.detach() for w in model.weights]
+        bs = [b.detach() for b in model.biases]
+        return Step(lambda: _torch_gemms(x, ws, bs), _nothing, sync, flops)
+
+    opt = make_adam(model.parameters(), lr=BENCH_LR)
+    if method == "plain":
+        loss_fn = lambda: _data_loss(model, x, _plain_layer(model))  # noqa: E731
+    else:
+        loss_fn = lambda: _training_loss(model, x, method)  # noqa: E731
+
+    def grad() -> None:
+        opt.zero_grad(set_to_none=True)
+        loss_fn().backward()
+
+    return Step(grad, opt.step, sync, flops)
+
+
+def _torch_gemms(x, ws, bs) -> None:
+    """The GEMMs of one relative step, in its shapes and transposes: forward Z W^T + b, then per layer
+    (last to first) Delta W (not for layer 1), Y W and Delta^T (Y W)."""
+    import torch
+
+    ys, z = [], x
+    for w, b in zip(ws, bs):
+        z = torch.addmm(b, z, w.T)
+        ys.append(z)
+    delta = ys[-1]
+    for k in reversed(range(len(ws))):
+        torch.mm(delta.T, ys[k] @ ws[k])
+        if k > 0:
+            delta = delta @ ws[k]
+
+
+# --------------------------------------------------------------------------------------------- numpy
+def _numpy_step(method: str, n_layers: int, batch: int, dim: int, dtype: str, seed: int) -> Step:
+    from ..numpy import DenseFlow
+    from ..numpy.gradients import deltas, loss_and_gradients
+    from ..numpy.train import Adam
+
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((batch, dim)).astype(dtype)
+    model = DenseFlow(dim, n_layers, rng=rng, dtype=dtype)
+    flops = step_flops(method, n_layers, batch, dim)
+    if method == "gemm":
+        return Step(lambda: _numpy_gemms(x, model.weights, model.biases), _nothing, _nothing, flops)
+
+    opt = Adam(model.parameters(), lr=BENCH_LR)
+    grads: List[np.ndarray] = []
+
+    def grad() -> None:
+        if method == "plain":
+            pairs = _numpy_plain(model, x, deltas)
+        else:
+            pairs = loss_and_gradients(model, x, method)[1]
+        grads[:] = [dw for dw, _ in pairs] + [db for _, db in pairs]  # the order of model.parameters()
+
+    return Step(grad, lambda: opt.step(grads), _nothing, flops)
+
+
+def _numpy_plain(model, x: np.ndarray, deltas: Callable) -> List[Tuple[np.ndarray, np.ndarray]]:
+    """Backprop through the same MLP and loss with no log-determinant: ``(Delta^T Z, Delta^T 1)`` per layer."""
+    tr = model.trace(x)
+    model._data_terms(tr)  # the loss value, as the other methods compute it
+    return [(d.T @ z, d.sum(axis=0)) for d, z in zip(deltas(model, tr), tr.zs)]
+
+
+def _numpy_gemms(x: np.ndarray, ws: List[np.ndarray], bs: List[np.ndarray]) -> None:
+    """NumPy version of :func:`_torch_gemms`."""
+    ys, z = [], x
+    for w, b in zip(ws, bs):
+        z = z @ w.T
+        z += b
+        ys.append(z)
+    delta = ys[-1]
+    for k in reversed(range(len(ws))):
+        _ = delta.T @ (ys[k] @ ws[k])
+        if k > 0:
+            delta = delta @ ws[k]
+
+
+# --------------------------------------------------------------------------------------------- factory
+def make_step(backend: str, method: str, n_layers: int, batch: int, dim: int, *, device: str = "cpu",
+              dtype: str = "float32", seed: int = 0) -> Step:
+    """Build the step of ``method`` on ``backend`` ("torch" or "numpy") for an L x D flow and batch M.
+
+    Raises ValueError for an unknown backend or method, or a torch-only method on NumPy, and
+    relgrad.errors.DeviceError for a CUDA device that does not exist.
+
+    Shapes:
+        the step trains L weights (D, D) and biases (D,) on one fixed batch (M, D).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; valid backends are {', '.join(BACKENDS)}")
+    if method not in METHODS:
+        raise ValueError(f"unknown benchmark method {method!r}; valid methods are {', '.join(METHODS)}")
+    if backend == "numpy":
+        if method in TORCH_ONLY:
+            raise ValueError(f"method {method!r} is torch-only (the NumPy twin has no autograd)")
+        if device != "cpu":
+            raise ValueError(f"the numpy backend runs on the CPU only, not on {device!r}")
+        return _numpy_step(method, n_layers, batch, dim, dtype, seed)
+    from ..utils import select_device
+
+    return _torch_step(method, n_layers, batch, dim, select_device(device), dtype, seed)
+
+
+def available(backend: str, method: str) -> bool:
+    """Whether ``backend`` has ``method`` (the NumPy twin lacks :data:`TORCH_ONLY`)."""
+    return not (backend == "numpy" and method in TORCH_ONLY)
+
