@@ -26,7 +26,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from ..training import METHODS
-from .activation import log_sigma_prime, sigma
+from .activation import sigma_and_log_det
 from .flow import DenseFlow, Trace, standard_normal_log_prob
 
 __all__ = [
@@ -165,8 +165,8 @@ def _data_loss(model: DenseFlow, x: torch.Tensor, layer: Layer) -> torch.Tensor:
     for k in range(model.n_layers):
         y = layer(k, z)
         if k < model.n_layers - 1:
-            act = act + log_sigma_prime(y, model.alpha).sum(dim=-1)
-            z = sigma(y, model.alpha)
+            z, log_det = sigma_and_log_det(y, model.alpha)
+            act = act + log_det
     return -(standard_normal_log_prob(y) + act).mean()
 
 
