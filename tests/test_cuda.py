@@ -103,3 +103,15 @@ def test_checkpoint_from_gpu_to_cpu(tmp_path) -> None:
     cpu = rt.load_checkpoint(flow(5, 2, "cpu", seed=9), tmp_path / "gpu.pt")
     x = data(6, 5)
     assert torch.equal(cpu.log_likelihood(x), gpu.log_likelihood(x).cpu()) or rel(cpu.log_likelihood(x), gpu.log_likelihood(x)) < 1e-12
+
+
+def test_benchmark_runs_every_torch_method_on_cuda(tmp_path) -> None:
+    from relgrad.bench import read_csv
+    from relgrad.bench.cli import main
+
+    out = tmp_path / "cuda.csv"
+    assert main(["--devices", "cuda", "--backends", "torch", "--dims", "64,128", "--batches", "10",
+                 "--repeats", "2", "--warmup", "1", "--out", str(out)]) == 0
+    rows = read_csv(out)
+    assert {r["method"] for r in rows} == {"plain", "relative", "authors", "ordinary", "autodiff", "lu", "gemm"}
+    assert all(r["device"] == "cuda" and r["gpu"] for r in rows)

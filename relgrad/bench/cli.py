@@ -16,6 +16,8 @@ import sys
 import time
 from typing import List, Optional, Sequence
 
+from ..errors import DeviceError
+from ..utils import select_device
 from .harness import format_ratio_table, run_benchmark, slopes, write_csv
 from .steps import BACKENDS, METHODS
 
@@ -103,6 +105,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.repeats < 1 or args.min_repeats < 1 or args.warmup < 0:
         raise SystemExit("--repeats and --min-repeats must be >= 1 and --warmup >= 0")
     limiter = _set_threads(args.threads) if args.threads is not None else None  # noqa: F841 (kept alive)
+    for device in args.devices:
+        try:
+            select_device(device)  # a CUDA request without a GPU stops here, with the reason
+        except DeviceError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     start = time.perf_counter()
     rows = run_benchmark(
         backends=args.backends, methods=args.methods, devices=args.devices, dtype=args.dtype, dims=args.dims,
