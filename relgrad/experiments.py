@@ -37,6 +37,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
+from .utils import cpu_name
+
 __all__ = ["build_parser", "main", "run", "results_dir", "load_result", "HISTORY_FIELDS"]
 
 #: Columns of the per-epoch CSV, in order.
@@ -161,19 +163,8 @@ def _machine(device: str) -> Dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "device": device,
     }
-    info["device_name"] = torch.cuda.get_device_name(device) if device.startswith("cuda") else _cpu_name()
+    info["device_name"] = torch.cuda.get_device_name(device) if device.startswith("cuda") else cpu_name()
     return info
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "cpu"
 
 
 def _per_sample_log_likelihood(model: Any, x: Any, chunk: int = 2000) -> np.ndarray:

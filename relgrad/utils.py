@@ -28,6 +28,7 @@ __all__ = [
     "check_alpha",
     "check_batch",
     "check_finite",
+    "cpu_name",
     "environment_summary",
     "print_environment",
 ]
@@ -161,6 +162,18 @@ def check_finite(all_finite: bool, name: str = "x") -> None:
 
 
 # --------------------------------------------------------------------------------------------- reporting
+def cpu_name() -> str:
+    """The processor's model name (from /proc/cpuinfo on Linux), for result files that record the machine."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
+
+
 def environment_summary() -> dict:
     """Versions and hardware a chapter prints in its first cell (stable keys, no timestamps)."""
     import relgrad

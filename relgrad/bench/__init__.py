@@ -36,7 +36,9 @@ __all__ = [
 
 def results_path(name: str) -> Path:
     """The committed benchmark CSV ``relgrad/results/bench/<name>.csv`` (FileNotFoundError naming what exists)."""
-    folder = Path(__file__).resolve().parent.parent / "results" / "bench"
+    from ..experiments import results_dir
+
+    folder = results_dir() / "bench"
     path = folder / f"{name}.csv"
     if not path.is_file():
         have = sorted(p.stem for p in folder.glob("*.csv")) if folder.is_dir() else []

@@ -16,7 +16,6 @@ import datetime as _dt
 import gc
 import math
 import os
-import platform
 import statistics
 import time
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ..utils import cpu_name
 from .steps import CUBIC, Step, available, make_step
 
 __all__ = [
@@ -53,17 +53,6 @@ class Group:
 
 
 # --------------------------------------------------------------------------------------------- machine
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _blas_name() -> str:
     try:
         from threadpoolctl import threadpool_info
@@ -79,7 +68,7 @@ def machine_info(device: str = "cpu") -> Dict[str, str]:
     """What the CSV records about the machine and libraries (the same value on every row of one run)."""
     import relgrad
 
-    info = {"cpu": f"{_cpu_name()} x{os.cpu_count()}", "gpu": "", "torch": "", "numpy": np.__version__,
+    info = {"cpu": f"{cpu_name()} x{os.cpu_count()}", "gpu": "", "torch": "", "numpy": np.__version__,
             "blas": _blas_name(), "relgrad": relgrad.__version__,
             "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"), "threads": ""}
     try:

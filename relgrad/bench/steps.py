@@ -117,7 +117,7 @@ def _torch_gemms(x, ws, bs) -> None:
 # --------------------------------------------------------------------------------------------- numpy
 def _numpy_step(method: str, n_layers: int, batch: int, dim: int, dtype: str, seed: int) -> Step:
     from ..numpy import DenseFlow
-    from ..numpy.gradients import deltas, loss_and_gradients
+    from ..numpy.gradients import loss_and_gradients
     from ..numpy.train import Adam
 
     rng = np.random.default_rng(seed)
@@ -132,7 +132,7 @@ def _numpy_step(method: str, n_layers: int, batch: int, dim: int, dtype: str, se
 
     def grad() -> None:
         if method == "plain":
-            pairs = _numpy_plain(model, x, deltas)
+            pairs = _numpy_plain(model, x)
         else:
             pairs = loss_and_gradients(model, x, method)[1]
         grads[:] = [dw for dw, _ in pairs] + [db for _, db in pairs]  # the order of model.parameters()
@@ -140,8 +140,10 @@ def _numpy_step(method: str, n_layers: int, batch: int, dim: int, dtype: str, se
     return Step(grad, lambda: opt.step(grads), _nothing, flops)
 
 
-def _numpy_plain(model, x: np.ndarray, deltas: Callable) -> List[Tuple[np.ndarray, np.ndarray]]:
+def _numpy_plain(model, x: np.ndarray) -> List[Tuple[np.ndarray, np.ndarray]]:
     """Backprop through the same MLP and loss with no log-determinant: ``(Delta^T Z, Delta^T 1)`` per layer."""
+    from ..numpy.gradients import deltas
+
     tr = model.trace(x)
     model._data_terms(tr)  # the loss value, as the other methods compute it
     return [(d.T @ z, d.sum(axis=0)) for d, z in zip(deltas(model, tr), tr.zs)]
