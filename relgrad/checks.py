@@ -21,6 +21,11 @@ check                                     exercise label               function 
 :func:`check_relative_gradient`           ``ex-rel-examples``          ``relative_gradient(f, W)``
 :func:`check_relative_weight_update`      ``ex-backprop-two-forms``    ``relative_weight_update(Delta, Z, W)``
 :func:`check_strict_layer_update`         ``ex-biases-centred``        ``strict_layer_update(W, b, Y, Delta)``
+:func:`check_bpd_from_unit_nats`          ``ex-cov-bpd``               ``bpd_from_unit_nats(nats, dim, levels)``
+:func:`check_layer_jacobian`              ``ex-jacobian-layer``        ``layer_jacobian(W, b, z, phi_prime)``
+:func:`check_ica_step`                    ``ex-rel-ica-adam``          ``ica_step(W, X, mu)``
+:func:`check_activity_relative_gradient`  ``ex-limits-activity``       ``activity_relative_gradient(W, Z, lam)``
+:func:`check_sigma_inverse`               ``ex-sampling-newton``       ``sigma_inverse_newton(v, alpha)``
 ========================================  ===========================  ============================
 
 Operation counts (the "you formed ``W^T W`` first" hints) are measured by behaviour, not by timing: the
@@ -38,9 +43,14 @@ import numpy as np
 
 __all__ = [
     "EXERCISE_CHECKS",
+    "check_activity_relative_gradient",
+    "check_bpd_from_unit_nats",
+    "check_ica_step",
+    "check_layer_jacobian",
     "check_logdet_grad_2x2",
     "check_relative_gradient",
     "check_relative_weight_update",
+    "check_sigma_inverse",
     "check_strict_layer_update",
 ]
 
@@ -50,6 +60,11 @@ EXERCISE_CHECKS: Dict[str, str] = {
     "ex-rel-examples": "check_relative_gradient",
     "ex-backprop-two-forms": "check_relative_weight_update",
     "ex-biases-centred": "check_strict_layer_update",
+    "ex-cov-bpd": "check_bpd_from_unit_nats",
+    "ex-jacobian-layer": "check_layer_jacobian",
+    "ex-rel-ica-adam": "check_ica_step",
+    "ex-limits-activity": "check_activity_relative_gradient",
+    "ex-sampling-newton": "check_sigma_inverse",
 }
 
 _NOT_IMPLEMENTED = object()
@@ -73,7 +88,11 @@ def _call(fn: Callable[..., Any], *args: Any) -> Any:
     except NotImplementedError:
         return _NOT_IMPLEMENTED
     except Exception as err:  # the student's bug, reported as a hint
-        raise _Failed(f"{_name(fn)} raised {type(err).__name__}: {err}") from err
+        extra = ""
+        if "truth value of an array" in str(err):
+            extra = (" (a Python `if` or `while` on a whole array: work elementwise with np.where, masks, "
+                     "or a condition like np.any(...))")
+        raise _Failed(f"{_name(fn)} raised {type(err).__name__}: {err}{extra}") from err
 
 
 def _as_array(value: Any, what: str) -> np.ndarray:
@@ -392,3 +411,274 @@ def check_strict_layer_update(strict_layer_update: Callable[..., Tuple[np.ndarra
         return f"{_name(strict_layer_update)} gives the strict rule's (dW, db) in O(M D^2)."
 
     return _run("ex-biases-centred", strict_layer_update, body, strict)
+
+
+def check_bpd_from_unit_nats(bpd_from_unit_nats: Callable[[float, int, int], float], *,
+                             strict: bool = False) -> bool:
+    """Check ``bpd_from_unit_nats(nats, dim, levels)``, bits per dimension in pixel units (``ex-cov-bpd``).
+
+    ``nats`` is a mean log-likelihood per image in unit-cube coordinates; the reference is
+    ``log2(levels) - nats / (dim ln 2)`` (:func:`relgrad.datasets.bits_per_dim` of the pixel-unit
+    log-likelihood ``nats - dim log(levels)``).  Hints: the ``log2 K`` term of the scaling Jacobian forgotten
+    or taken in nats, nats not converted to bits, no division by ``D``, the sign of the log-likelihood.
+
+    Args:
+        bpd_from_unit_nats: the student's function ``(float, int, int) -> float``.
+        strict: raise ``AssertionError`` on failure (for autograding) instead of only printing.
+
+    Returns:
+        True when the function agrees with the reference on every case.
+    """
+    def body() -> str:
+        cases = [(1500.0, 784, 256), (1500.0, 784, 16), (-250.0, 64, 17), (0.0, 3072, 256)]
+        for nats, dim, levels in cases:
+            got = _as_array(_result(bpd_from_unit_nats, nats, dim, levels), "the bits per dimension")
+            ref = np.log2(levels) - nats / (dim * np.log(2))
+            if got.shape != ():
+                raise _Failed(f"returned an array of shape {got.shape}; expected one number.")
+            if _close(got, np.asarray(ref)):
+                continue
+            hint = _match_mistake(got, [
+                (np.asarray(-nats / (dim * np.log(2))), "the scaling from pixel units to the unit cube is "
+                 "missing: add log2 K (the Jacobian of u -> u / K costs D log K nats, log2 K bits per dimension)."),
+                (np.asarray(np.log(levels) - nats / (dim * np.log(2))), "you added log K in nats; in bits it is "
+                 "log2 K."),
+                (np.asarray(np.log2(levels) - nats / dim), "you left the log-likelihood in nats: divide by "
+                 "D ln 2, not by D, to get bits per dimension."),
+                (np.asarray(np.log2(levels) - nats / np.log(2)), "bits per *dimension*: divide by D as well."),
+                (np.asarray(np.log2(levels) + nats / (dim * np.log(2))), "sign: bits per dimension are a code "
+                 "length, -log p; a higher log-likelihood gives fewer bits."),
+                (np.asarray(-ref), "the sign is flipped: bpd = log2 K - log p_X / (D ln 2)."),
+            ])
+            raise _Failed(hint or f"wrong value for nats = {nats}, D = {dim}, K = {levels}: expected {ref:.6f}, "
+                                  f"got {float(got):.6f}.")
+        return f"{_name(bpd_from_unit_nats)} agrees with log2 K - nats / (D ln 2) on {len(cases)} cases."
+
+    return _run("ex-cov-bpd", bpd_from_unit_nats, body, strict)
+
+
+def _sigma_np(u: np.ndarray, alpha: float) -> np.ndarray:
+    from relgrad.numpy.activation import sigma
+    return sigma(u, alpha)
+
+
+def _sigma_prime_np(u: np.ndarray, alpha: float) -> np.ndarray:
+    from relgrad.numpy.activation import sigma_prime
+    return sigma_prime(u, alpha)
+
+
+def check_layer_jacobian(layer_jacobian: Callable[..., np.ndarray], *, strict: bool = False) -> bool:
+    """Check ``layer_jacobian(W, b, z, phi_prime)`` = ``diag(phi'(W z + b)) W`` (``ex-jacobian-layer``).
+
+    Seeded ``D = 5`` inputs with ``phi = tanh`` and with the smooth leaky ReLU (``alpha = 0.3``).  Hints:
+    ``phi'`` scaling the columns instead of the rows (``W diag(phi')``), ``phi'`` taken at ``z`` or at
+    ``W z`` (bias forgotten) instead of the pre-activation ``W z + b``, the diagonal or ``W`` alone, a
+    transposed result.
+
+    Args:
+        layer_jacobian: the student's function ``(W (D, D), b (D,), z (D,), phi_prime) -> (D, D)``;
+            ``phi_prime`` maps an array to the elementwise derivative of the activation.
+        strict: raise ``AssertionError`` on failure (for autograding) instead of only printing.
+
+    Returns:
+        True when the function agrees with the reference for both activations.
+    """
+    def body() -> str:
+        rng = np.random.default_rng(20244)
+        D = 5
+        W, b, z = rng.standard_normal((D, D)), rng.standard_normal(D), rng.standard_normal(D)
+        cases = [(lambda y: 1.0 - np.tanh(y) ** 2, "tanh"),
+                 (lambda y: _sigma_prime_np(y, 0.3), "the smooth leaky ReLU")]
+        for phi_prime, what in cases:
+            got = _as_array(_result(layer_jacobian, W.copy(), b.copy(), z.copy(), phi_prime), "the Jacobian")
+            y = W @ z + b
+            ref = phi_prime(y)[:, None] * W
+            if got.shape != (D, D):
+                raise _Failed(f"returned shape {got.shape}, expected ({D}, {D}).")
+            if _close(got, ref):
+                continue
+            hint = _match_mistake(got, [
+                (W * phi_prime(y)[None, :], "phi'(y) scales the columns of W in your answer (W diag(phi')); "
+                 "it must scale the rows: entry (i, j) is phi'(y_i) W_ij, i.e. diag(phi'(y)) W."),
+                (phi_prime(z)[:, None] * W, "phi' must be taken at the pre-activation y = W z + b, not at z."),
+                (phi_prime(W @ z)[:, None] * W, "the bias is missing: phi' is taken at y = W z + b."),
+                (ref.T, "your Jacobian is transposed: row i holds the derivatives of output i."),
+                (np.diag(phi_prime(y)), "you returned diag(phi'(y)) alone; the chain rule multiplies it by W."),
+                (W, "you returned W: the activation contributes the factor diag(phi'(W z + b))."),
+            ])
+            raise _Failed(hint or f"wrong value for phi = {what}: expected diag(phi'(W z + b)) W.")
+        return f"{_name(layer_jacobian)} returns diag(phi'(W z + b)) W (checked with tanh and the smooth leaky ReLU)."
+
+    return _run("ex-jacobian-layer", layer_jacobian, body, strict)
+
+
+def check_ica_step(ica_step: Callable[[np.ndarray, np.ndarray, float], np.ndarray], *,
+                   strict: bool = False) -> bool:
+    """Check ``ica_step(W, X, mu)``, one relative-gradient ICA ascent step (``ex-rel-ica-adam``).
+
+    Reference: ``W + mu (I + E[phi(s) s^T]) W`` with ``phi = -tanh``, ``s = W x`` and rows of ``X`` the
+    samples (so ``S = X W^T`` and ``E[phi(s) s^T] = phi(S)^T S / N``), on seeded Laplace data.  Hints: the
+    ordinary (infomax) step with ``W^{-T}``, the identity forgotten, the outer product transposed, a sum
+    instead of a mean, ``phi = +tanh``, ``W`` multiplied from the wrong side, the direction returned
+    without the step.
+
+    Args:
+        ica_step: the student's function ``(W (D, D), X (N, D), mu) -> (D, D)``.
+        strict: raise ``AssertionError`` on failure (for autograding) instead of only printing.
+
+    Returns:
+        True when the function agrees with the reference.
+    """
+    def body() -> str:
+        rng = np.random.default_rng(20245)
+        N, D, mu = 200, 3, 0.05
+        X = rng.laplace(size=(N, D)) @ rng.standard_normal((D, D)).T
+        W = np.eye(D) + 0.3 * rng.standard_normal((D, D))
+        got = _as_array(_result(ica_step, W.copy(), X.copy(), mu), "the new W")
+        S = X @ W.T
+        phi = -np.tanh(S)
+        C = phi.T @ S / N                       # E[phi(s) s^T]
+        ref = W + mu * (np.eye(D) + C) @ W
+        if got.shape != (D, D):
+            raise _Failed(f"returned shape {got.shape}, expected ({D}, {D}).")
+        if not _close(got, ref):
+            ordinary = np.linalg.inv(W).T + phi.T @ X / N
+            hint = _match_mistake(got, [
+                (W + mu * ordinary, "that is the ordinary (infomax) step, W + mu (W^-T + E[phi(s) x^T]); the "
+                 "relative step multiplies it by W^T W: W + mu (I + E[phi(s) s^T]) W, with no inverse."),
+                (W + mu * C @ W, "the identity is missing: the direction is (I + E[phi(s) s^T]) W."),
+                (W + mu * (np.eye(D) + C.T) @ W, "the outer product is transposed: E[phi(s) s^T] has "
+                 "entries E[phi(s_i) s_j], i.e. phi(S).T @ S / N with S = X @ W.T."),
+                (W + mu * (np.eye(D) + N * C) @ W, "use the mean over samples, not the sum: divide "
+                 "phi(S).T @ S by N."),
+                (W + mu * (np.eye(D) - C) @ W, "phi is -tanh (the score of a super-Gaussian source), not +tanh."),
+                (W + mu * W @ (np.eye(D) + C), "the factor W belongs on the right: the direction is "
+                 "(I + E[phi(s) s^T]) W, not W (I + E[phi(s) s^T])."),
+                ((np.eye(D) + C) @ W, "you returned the direction; the step is W + mu * direction."),
+                (W - mu * (np.eye(D) + C) @ W, "this is an ascent step on the log-likelihood: add mu * direction."),
+            ])
+            raise _Failed(hint or "wrong value: expected W + mu (I + E[phi(s) s^T]) W with phi = -tanh, S = X W^T.")
+        return f"{_name(ica_step)} takes the relative-gradient ICA step W + mu (I + E[phi(s) s^T]) W."
+
+    return _run("ex-rel-ica-adam", ica_step, body, strict)
+
+
+def check_activity_relative_gradient(activity_relative_gradient: Callable[[np.ndarray, np.ndarray, float], np.ndarray],
+                                     *, strict: bool = False) -> bool:
+    """Check ``activity_relative_gradient(W, Z, lam)`` = ``(lam / M) Y^T (Y W)``, ``Y = Z W^T`` (``ex-limits-activity``).
+
+    The relative gradient (update direction ``grad W^T W``) of the activity penalty
+    ``lam / (2M) sum_m ||W z_m||^2`` on seeded inputs with ``M = 3``, ``D = 30``; products are recorded and a
+    ``D x D`` by ``D x D`` one fails.  Hints: the ordinary gradient, ``W^T W`` forgotten on one side, the
+    ``1/M`` or ``lam`` forgotten, the cubic order.
+
+    Args:
+        activity_relative_gradient: the student's function ``(W (D, D), Z (M, D), lam) -> (D, D)``.
+        strict: raise ``AssertionError`` on failure (for autograding) instead of only printing.
+
+    Returns:
+        True when the values agree and no cubic product was taken.
+    """
+    def body() -> str:
+        rng = np.random.default_rng(20246)
+        M, D, lam = 3, 30, 0.7
+        W, Z = rng.standard_normal((D, D)), rng.standard_normal((M, D))
+        out, log = _counted_call(activity_relative_gradient, W, Z, np.float64(lam))
+        got = _as_array(out, "the relative gradient")
+        Y = Z @ W.T
+        ref = lam / M * Y.T @ (Y @ W)
+        if got.shape != (D, D):
+            raise _Failed(f"returned shape {got.shape}, expected ({D}, {D}).")
+        if not _close(got, ref):
+            grad = lam / M * Y.T @ Z
+            hint = _match_mistake(got, [
+                (grad, "you returned the ordinary gradient (lam/M) Y^T Z; multiply it by W^T W from the right."),
+                (grad @ W.T, "you stopped at grad W^T; the update direction is grad W^T W."),
+                (lam * Y.T @ (Y @ W), "the 1/M of the mean over the batch is missing."),
+                (Y.T @ (Y @ W) / M, "the factor lam is missing."),
+                (lam / M * Y.T @ (Y @ W.T), "wrong transpose: Y^T (Y W), with Y = Z W^T."),
+                (lam / M * Z.T @ (Z @ W), "the penalty acts on Y = Z W^T: the result is (lam/M) Y^T (Y W)."),
+            ])
+            raise _Failed(hint or "wrong value: expected (lam / M) Y^T (Y W) with Y = Z W^T.")
+        cubic = _cubic_products(log, D)
+        if cubic:
+            raise _Failed(f"right value, wrong cost: a {D}x{D} by {D}x{D} product ({cubic[0]}) costs O(D^3); "
+                          "evaluate (lam / M) * Y.T @ (Y @ W) with Y = Z @ W.T: three O(M D^2) products.")
+        return f"{_name(activity_relative_gradient)} returns (lam/M) Y^T (Y W) in O(M D^2)."
+
+    return _run("ex-limits-activity", activity_relative_gradient, body, strict)
+
+
+def check_sigma_inverse(sigma_inverse_newton: Callable[[np.ndarray, float], np.ndarray], *,
+                        strict: bool = False) -> bool:
+    """Check ``sigma_inverse_newton(v, alpha)``, the Newton inverse of the smooth leaky ReLU (``ex-sampling-newton``).
+
+    The answer ``u`` must satisfy ``sigma(u, alpha) = v`` to ``1e-12`` relative (compared with
+    :func:`relgrad.numpy.sigma_inverse`) for ``|v|`` from 0 to ``1e4``, for arrays of any shape (a 0-d array
+    and a ``(3, 4)`` array included) and both ``alpha = 0.3`` and ``0.01``, without changing ``v``.  Hints:
+    ``sigma`` applied instead of its inverse, a Newton step with the wrong sign or divided by ``sigma``
+    instead of ``sigma'``, too few iterations, ``inf``/NaN from an overflowing softplus at large ``|v|``,
+    a Python ``if`` on an array, a changed shape, ``v`` overwritten.
+
+    Args:
+        sigma_inverse_newton: the student's function ``(v array (...), alpha) -> array (...)``.
+        strict: raise ``AssertionError`` on failure (for autograding) instead of only printing.
+
+    Returns:
+        True when every case is solved to rounding.
+    """
+    from relgrad.numpy.activation import sigma_inverse
+
+    def body() -> str:
+        rng = np.random.default_rng(20247)
+        grid = np.array([-1e4, -300.0, -50.0, -5.0, -1.0, -0.1, 0.0, 0.1, 1.0, 5.0, 50.0, 800.0, 1e4])
+        cases = [(grid, 0.3), (grid, 0.01), (np.array(-2.5), 0.3), (3.0 * rng.standard_normal((3, 4)), 0.3)]
+        for v, alpha in cases:
+            v_in = v.copy()
+            with np.errstate(all="ignore"):
+                raw = _call(sigma_inverse_newton, v_in, alpha)
+            if raw is _NOT_IMPLEMENTED:
+                raise _NotImplementedYet
+            got = _as_array(raw, "the inverse")
+            if not np.array_equal(v_in, v):
+                raise _Failed("your function changed its input v in place; work on a copy (u = v.copy(), or "
+                              "np.where(...), which returns a new array).")
+            ref = sigma_inverse(v, alpha)
+            if got.shape != v.shape:
+                raise _Failed(f"returned shape {got.shape} for v of shape {v.shape}; the inverse acts elementwise "
+                              "and keeps the shape.")
+            if _close(got, ref, rtol=1e-12, atol=1e-13):
+                continue
+            bad = ~np.isclose(got, ref, rtol=1e-12, atol=1e-13)
+            where = f"(alpha = {alpha}, first wrong v = {v[bad].flat[0]:g}: expected {ref[bad].flat[0]:.15g}, " \
+                    f"got {got[bad].flat[0]:.15g})"
+            if not np.all(np.isfinite(got)):
+                small = np.abs(v) <= 5
+                if np.all(np.isfinite(got[small])) and _close(got[small], ref[small], rtol=1e-12, atol=1e-13):
+                    raise _Failed(f"inf or NaN in the result {where}, only at large |v|: exp overflows. Compute "
+                                  "softplus(u) as np.logaddexp(0, u) (or max(u, 0) + log1p(exp(-|u|))) and the "
+                                  "sigmoid without the exp of a large positive number.")
+                raise _Failed(f"inf or NaN in the result {where}: the iteration diverged. Newton's step is "
+                              "u - (sigma(u) - v) / sigma'(u), minus sign, divided by the derivative "
+                              "sigma'(u) = alpha + (1 - alpha) sigmoid(u).")
+            with np.errstate(all="ignore"):
+                forward = _sigma_np(v, alpha)
+            hint = _match_mistake(got, [
+                (forward, "you applied sigma, not its inverse: solve sigma(u) = v for u."),
+                (v, "you returned v unchanged: no Newton step was taken."),
+            ])
+            if hint is None:
+                with np.errstate(all="ignore"):
+                    residual = np.abs(_sigma_np(got, alpha) - v) / np.maximum(1.0, np.abs(v))
+                if np.nanmax(residual) < 1e-3:
+                    hint = (f"close but not converged {where}: iterate until the step no longer changes u (a fixed "
+                            "small number of steps is not enough from every start), and start to the right of "
+                            "the root: u0 = v for v >= 0, v / alpha for v < 0.")
+                else:
+                    hint = (f"sigma(u) is far from v {where}. Newton's step is u - (sigma(u) - v) / sigma'(u) with "
+                            "sigma'(u) = alpha + (1 - alpha) sigmoid(u); do not divide by sigma(u).")
+            raise _Failed(hint)
+        return (f"{_name(sigma_inverse_newton)} solves sigma(u) = v to rounding for |v| up to 1e4, alpha 0.3 and 0.01, "
+                "any shape.")
+
+    return _run("ex-sampling-newton", sigma_inverse_newton, body, strict)

@@ -14,7 +14,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 import make_assignments as ma  # noqa: E402
 
-CHAPTERS = ["logdet-cost", "biases"]  # one with a torch-based chapter, one with the authors' bias rule
+# Every chapter with a self-check cell, i.e. with an autograded exercise (chapters without one produce
+# notebooks whose stubs are covered by the same code paths).
+CHAPTERS = sorted(p.stem for p in (ROOT / "book").glob("*.md") if ":tags: [self-check]" in p.read_text())
 
 
 def _generate(tmp_path: Path, name: str, with_solutions: bool) -> Path:

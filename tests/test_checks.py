@@ -34,6 +34,58 @@ def layer_ref(W, b, Y, Delta):
     return _relative_layer(np.asarray(W), np.asarray(b), np.asarray(Y), np.asarray(Delta), strict=True)
 
 
+def bpd_ref(nats, dim, levels):
+    return np.log2(levels) - nats / (dim * np.log(2))
+
+
+def jac_ref(W, b, z, phi_prime):
+    return phi_prime(W @ z + b)[:, None] * W
+
+
+def ica_ref(W, X, mu):
+    S = X @ W.T
+    return W + mu * (np.eye(len(W)) + (-np.tanh(S)).T @ S / len(X)) @ W
+
+
+def activity_ref(W, Z, lam):
+    Y = Z @ W.T
+    return lam / len(Z) * Y.T @ (Y @ W)
+
+
+def _softplus(u):
+    return np.logaddexp(0.0, u)
+
+
+def _newton(v, alpha, steps=100, naive=False, divide_by_sigma=False):
+    """sigma^{-1} by Newton; the flags reproduce typical mistakes."""
+    softplus = (lambda u: np.log1p(np.exp(u))) if naive else _softplus
+    sig = lambda u: alpha * u + (1 - alpha) * softplus(u)  # noqa: E731
+    dsig = lambda u: alpha + (1 - alpha) / (1 + np.exp(-u))  # noqa: E731
+    v = np.asarray(v, dtype=float)
+    u = np.where(v >= 0, v, v / alpha)
+    for _ in range(steps):
+        new = u - (sig(u) - v) / (sig(u) if divide_by_sigma else dsig(u))
+        new = np.minimum(new, u) if not divide_by_sigma else new
+        if np.array_equal(new, u):
+            break
+        u = new
+    return u
+
+
+def newton_ref(v, alpha):
+    return _newton(v, alpha)
+
+
+def _newton_if(v, alpha):
+    u = v if v >= 0 else v / alpha  # a Python if on an array
+    return _newton(u, alpha)
+
+
+def _newton_in_place(v, alpha):
+    v[v < 0] /= alpha  # overwrites the caller's v, then solves the wrong equation
+    return _newton(v, alpha)
+
+
 def stub(*args):
     raise NotImplementedError("Exercise: your code here")
 
@@ -64,6 +116,51 @@ CASES = {
         (lambda W, b, Y, D: (D.T @ (Y @ W), D.T @ (Y @ b) + D.sum(axis=0) - b), "log-determinant term"),
         (lambda W, b, Y, D: (D.T @ (Y @ W) - W, D.T @ (Y @ b) - b), "lacks g_b"),
         (lambda W, b, Y, D: ((D.T @ Y) @ W - W, D.T @ (Y @ b) + D.sum(axis=0) - b), "wrong cost"),
+    ]),
+    "check_bpd_from_unit_nats": (bpd_ref, [
+        (lambda n, d, k: -n / (d * np.log(2)), "add log2 K"),
+        (lambda n, d, k: np.log(k) - n / (d * np.log(2)), "in bits it is log2 K"),
+        (lambda n, d, k: np.log2(k) - n / d, "divide by D ln 2"),
+        (lambda n, d, k: np.log2(k) - n / np.log(2), "divide by D as well"),
+        (lambda n, d, k: np.log2(k) + n / (d * np.log(2)), "a higher log-likelihood gives fewer bits"),
+        (lambda n, d, k: np.array([bpd_ref(n, d, k)]), "expected one number"),
+    ]),
+    "check_layer_jacobian": (jac_ref, [
+        (lambda W, b, z, p: W * p(W @ z + b)[None, :], "must scale the rows"),
+        (lambda W, b, z, p: p(z)[:, None] * W, "not at z"),
+        (lambda W, b, z, p: p(W @ z)[:, None] * W, "the bias is missing"),
+        (lambda W, b, z, p: (p(W @ z + b)[:, None] * W).T, "transposed"),
+        (lambda W, b, z, p: np.diag(p(W @ z + b)), "diag(phi'(y)) alone"),
+        (lambda W, b, z, p: W, "you returned W"),
+    ]),
+    "check_ica_step": (ica_ref, [
+        (lambda W, X, mu: W + mu * (np.linalg.inv(W).T - np.tanh(X @ W.T).T @ X / len(X)), "infomax"),
+        (lambda W, X, mu: W + mu * (-np.tanh(X @ W.T)).T @ (X @ W.T) / len(X) @ W, "identity is missing"),
+        (lambda W, X, mu: W + mu * (np.eye(3) + (X @ W.T).T @ (-np.tanh(X @ W.T)) / len(X)) @ W, "transposed"),
+        (lambda W, X, mu: W + mu * (np.eye(3) + (-np.tanh(X @ W.T)).T @ (X @ W.T)) @ W, "not the sum"),
+        (lambda W, X, mu: W + mu * (np.eye(3) + np.tanh(X @ W.T).T @ (X @ W.T) / len(X)) @ W, "not +tanh"),
+        (lambda W, X, mu: W + mu * W @ (np.eye(3) + (-np.tanh(X @ W.T)).T @ (X @ W.T) / len(X)),
+         "belongs on the right"),
+        (lambda W, X, mu: (ica_ref(W, X, mu) - W) / mu, "you returned the direction"),
+        (lambda W, X, mu: 2 * W - ica_ref(W, X, mu), "add mu * direction"),
+    ]),
+    "check_activity_relative_gradient": (activity_ref, [
+        (lambda W, Z, lam: lam / len(Z) * (Z @ W.T).T @ Z, "ordinary gradient"),
+        (lambda W, Z, lam: lam / len(Z) * (Z @ W.T).T @ Z @ W.T, "stopped at grad W^T"),
+        (lambda W, Z, lam: lam * (Z @ W.T).T @ ((Z @ W.T) @ W), "1/M"),
+        (lambda W, Z, lam: (Z @ W.T).T @ ((Z @ W.T) @ W) / len(Z), "factor lam is missing"),
+        (lambda W, Z, lam: lam / len(Z) * (Z @ W.T).T @ ((Z @ W.T) @ W.T), "wrong transpose"),
+        (lambda W, Z, lam: lam / len(Z) * ((Z @ W.T).T @ Z) @ (W.T @ W), "wrong cost"),
+    ]),
+    "check_sigma_inverse": (newton_ref, [
+        (lambda v, a: a * v + (1 - a) * _softplus(v), "you applied sigma"),
+        (lambda v, a: np.array(v, copy=True), "returned v unchanged"),
+        (lambda v, a: _newton(v, a, steps=2), "not converged"),
+        (lambda v, a: _newton(v, a, naive=True), "only at large |v|: exp overflows"),
+        (lambda v, a: _newton(v, a, divide_by_sigma=True), "do not divide by sigma(u)"),
+        (_newton_if, "np.where"),
+        (_newton_in_place, "changed its input v in place"),
+        (lambda v, a: newton_ref(v, a).ravel(), "keeps the shape"),
     ]),
 }
 
@@ -107,3 +204,19 @@ def test_torch_and_einsum_answers_are_accepted(capsys):
     assert checks.check_relative_weight_update(lambda D, Z, W: np.einsum("mi,mj->ij", D, np.einsum("mk,kj->mj", Z @ W.T, W)))
     assert "could not be observed" not in capsys.readouterr().out  # Z @ W.T was seen
     assert checks.check_logdet_grad_2x2(lambda W: torch.linalg.inv(torch.from_numpy(W)).T)
+
+
+def test_every_check_has_its_exercise_and_self_check_cell():
+    """Each registered check is called by a self-check cell right after its exercise's solution."""
+    from pathlib import Path
+    book = Path(__file__).resolve().parents[1] / "book"
+    sources = {p.stem: p.read_text() for p in book.glob("*.md")}
+    for label, check in checks.EXERCISE_CHECKS.items():
+        homes = [name for name, text in sources.items() if f":label: {label}\n" in text]
+        assert len(homes) == 1, (label, homes)
+        text = sources[homes[0]]
+        after = text[text.index(f"````{{solution-start}} {label}"):]
+        after = after[after.index("````{solution-end}"):]
+        next_exercise = after.find("````{exercise}")
+        block = after if next_exercise < 0 else after[:next_exercise]
+        assert ":tags: [self-check]" in block and f"assert {check}(" in block, (label, check)
