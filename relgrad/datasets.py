@@ -71,6 +71,8 @@ __all__ = [
     "load_dataset",
     "Standardizer",
     "standardize",
+    "Whitener",
+    "whiten",
     "load_digits_pixels",
     "dequantize",
     "logit_transform",
@@ -416,6 +418,70 @@ def standardize(data: Union[Split, np.ndarray]) -> Tuple[Union[Split, np.ndarray
         return Split(st.transform(data.train), st.transform(data.val), st.transform(data.test), info=info), st
     st = Standardizer.fit(data)
     return st.transform(data), st
+
+
+@dataclass(frozen=True, eq=False)
+class Whitener:
+    """The affine map ``z = A (x - mean)`` with ``A = Sigma^{-1/2}`` (symmetric), and its log-Jacobian.
+
+    The full-covariance sibling of :class:`Standardizer`: ``z`` has identity sample covariance on the data it
+    was fitted to.  A flow fitted to ``z`` gives ``log p_X(x) = log p_Z(z) + log_abs_det`` with the constant
+    ``log_abs_det = -1/2 log det Sigma``.
+
+    Shapes:
+        ``mean`` is ``(D,)``, ``matrix`` (``A``) and ``inverse_matrix`` (``A^{-1} = Sigma^{1/2}``) are
+        ``(D, D)``; ``transform``/``inverse`` map ``(M, D)`` to ``(M, D)``.
+    """
+
+    mean: np.ndarray
+    matrix: np.ndarray
+    inverse_matrix: np.ndarray
+    log_abs_det: float
+
+    @classmethod
+    def fit(cls, x: np.ndarray) -> "Whitener":
+        """Mean and (population) covariance of ``x`` (``(N, D)``, ``N > D``); clear error if it is singular."""
+        x = _as_batch(x, "x")
+        n, d = x.shape
+        if n <= d:
+            raise ShapeError(f"need more rows than columns to whiten (a full-rank covariance), got shape {x.shape}")
+        mean = x.mean(axis=0)
+        eigval, eigvec = np.linalg.eigh(np.cov(x.T, bias=True).reshape(d, d))
+        if eigval.min() <= 1e-12 * max(eigval.max(), 1e-300):
+            raise ValueError(f"the covariance is singular (smallest eigenvalue {eigval.min():.2e}, largest "
+                             f"{eigval.max():.2e}), so the data cannot be whitened (dequantise image data first)")
+        matrix = (eigvec / np.sqrt(eigval)) @ eigvec.T
+        inverse_matrix = (eigvec * np.sqrt(eigval)) @ eigvec.T
+        return cls(mean=mean, matrix=matrix, inverse_matrix=inverse_matrix,
+                   log_abs_det=float(-0.5 * np.sum(np.log(eigval))))
+
+    def transform(self, x: np.ndarray) -> np.ndarray:
+        """``z = A (x - mean)`` for every row."""
+        return (_as_batch(x, "x", self.mean.shape[0]) - self.mean) @ self.matrix.T
+
+    def inverse(self, z: np.ndarray) -> np.ndarray:
+        """``x = A^{-1} z + mean`` for every row."""
+        return _as_batch(z, "z", self.mean.shape[0]) @ self.inverse_matrix.T + self.mean
+
+    def to_original_log_likelihood(self, log_p_z: Union[np.ndarray, float]) -> Union[np.ndarray, float]:
+        """Turn log-densities of whitened data into log-densities of the original data (per sample)."""
+        return log_p_z + self.log_abs_det
+
+
+def whiten(data: Union[Split, np.ndarray]) -> Tuple[Union[Split, np.ndarray], Whitener]:
+    """Whiten (zero mean, identity covariance); return the data and the :class:`Whitener`.
+
+    For a :class:`Split` the statistics come from ``train`` only and are applied to all three parts.
+
+    Shapes:
+        an ``(N, D)`` array, or a Split with ``D`` columns, in; the same shapes out.
+    """
+    if isinstance(data, Split):
+        wh = Whitener.fit(data.train)
+        info = dict(data.info, whitened=True)
+        return Split(wh.transform(data.train), wh.transform(data.val), wh.transform(data.test), info=info), wh
+    wh = Whitener.fit(data)
+    return wh.transform(data), wh
 
 
 def _as_batch(x: np.ndarray, name: str, dim: Optional[int] = None) -> np.ndarray:

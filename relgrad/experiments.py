@@ -100,6 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--val-size", type=int, default=None, help="limit the validation set (default: all)")
     d.add_argument("--test-size", type=int, default=None, help="limit the test set (default: all)")
     d.add_argument("--lam", type=float, default=1e-6, help="logit transform margin lambda (default 1e-6)")
+    d.add_argument("--whiten", action="store_true",
+                   help="whiten the logit-space data (mean and covariance of the training split) before the flow; "
+                        "reported likelihoods are mapped back to the images' logit space exactly (the whitening's "
+                        "log-determinant is added)")
     m = p.add_argument_group("model and training")
     m.add_argument("--layers", type=int, default=2, help="number of dense layers L (default 2)")
     m.add_argument("--alpha", type=float, default=0.01,
@@ -128,6 +132,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"smoke test: sizes {QUICK_SIZES}, 1 epoch, a few seconds (overrides sizes and epochs)")
     r.add_argument("--quiet", action="store_true", help="no per-epoch lines")
     return p
+
+
+def _write_history(path: Path, history: List[Dict[str, Any]]) -> None:
+    """(Re)write the per-epoch CSV with every row so far."""
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=HISTORY_FIELDS)
+        writer.writeheader()
+        for row in history:
+            writer.writerow({k: (f"{row[k]:.6f}" if isinstance(row[k], float) else row[k]) for k in HISTORY_FIELDS})
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
@@ -220,9 +233,14 @@ def run(args: argparse.Namespace, *, command: str = "") -> Dict[str, Any]:
     data_dir = None
     if args.dataset != "digits":
         data_dir = str(Path(args.data_dir) if args.data_dir else datasets.default_data_dir(args.dataset))
-    x_train, x_val, x_test = (torch.as_tensor(a, dtype=dtype, device=device) for a in split)
     # Constant shifting logit-space nats to pixel-space nats on the validation set (Jacobian - D log K).
     val_shift = float(np.mean(datasets.logit_log_jacobian(split.val, lam))) - dim * math.log(levels)
+    logit_test, whitener = split.test, None  # the image Jacobians are those of the logit-space data
+    if args.whiten:
+        split, whitener = datasets.whiten(split)
+    # log p of the logit-space images = log p of what the flow sees + this constant (0 without whitening)
+    flow_to_logit = 0.0 if whitener is None else whitener.log_abs_det
+    x_train, x_val, x_test = (torch.as_tensor(a, dtype=dtype, device=device) for a in split)
 
     def to_bpd(logit_nats: float) -> float:
         return -(logit_nats + val_shift) / (dim * math.log(2.0))
@@ -238,7 +256,7 @@ def run(args: argparse.Namespace, *, command: str = "") -> Dict[str, Any]:
     train_start = time.perf_counter()
 
     def record(epoch: int, steps: int, loss: float, partial: bool) -> None:
-        val = validation_score(lambda: mean_log_likelihood(model, x_val), epoch=epoch)
+        val = validation_score(lambda: mean_log_likelihood(model, x_val), epoch=epoch) + flow_to_logit
         is_best = stopper.update(val, epoch)
         if is_best:
             best_state.clear()
@@ -247,6 +265,7 @@ def run(args: argparse.Namespace, *, command: str = "") -> Dict[str, Any]:
                "train_loss": loss, "val_logit_nats": val, "val_bpd": to_bpd(val),
                "partial": int(partial), "best": int(is_best)}
         history.append(row)
+        _write_history(out_csv, history)  # every epoch: a killed run keeps its curve
         say(f"epoch {epoch:4d}{'*' if partial else ' '} steps {steps:7d}  {row['seconds']:8.1f} s  "
             f"train loss {loss:10.3f}  val {val:10.3f} logit nats  {row['val_bpd']:.4f} bpd"
             + ("  (best)" if is_best else ""))
@@ -288,22 +307,19 @@ def run(args: argparse.Namespace, *, command: str = "") -> Dict[str, Any]:
         save_checkpoint(model, args.checkpoint)
 
     # ---------------------------------------------------------------- test evaluation
-    test_ll = _per_sample_log_likelihood(model, x_test)
-    test = datasets.image_likelihood_summary(test_ll, split.test, lam=lam, levels=levels)
+    test_ll = _per_sample_log_likelihood(model, x_test) + flow_to_logit
+    test = datasets.image_likelihood_summary(test_ll, logit_test, lam=lam, levels=levels)
     samples_path = None
     if args.samples > 0:
         gen = torch.Generator().manual_seed(int(np.random.default_rng(seeds[2]).integers(2**62)))
         s = model.sample(int(args.samples), generator=gen).double().cpu().numpy()
+        if whitener is not None:
+            s = whitener.inverse(s)
         pixels = datasets.unit_to_pixels(datasets.logit_inverse(s, lam), levels)
         samples_path = Path(args.samples_out) if args.samples_out else out_csv.with_name(out_csv.stem + "_samples.npy")
         np.save(samples_path, pixels.reshape(-1, *info["image_shape"]).astype(np.uint8))
 
     # ---------------------------------------------------------------- write
-    with open(out_csv, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=HISTORY_FIELDS)
-        writer.writeheader()
-        for row in history:
-            writer.writerow({k: (f"{row[k]:.6f}" if isinstance(row[k], float) else row[k]) for k in HISTORY_FIELDS})
     full_epochs = sum(1 for r in history[1:] if not r["partial"])
     summary: Dict[str, Any] = {
         "command": command,
@@ -317,8 +333,9 @@ def run(args: argparse.Namespace, *, command: str = "") -> Dict[str, Any]:
             "method": args.method, "layers": args.layers, "batch_size": args.batch_size, "lr": args.lr,
             "optimizer": "Adam (torch, default betas)", "alpha": args.alpha, "lam": lam,
             "epochs": epochs, "patience": patience, "max_minutes": args.max_minutes, "seed": args.seed,
-            "dtype": args.dtype, "quick": bool(args.quick),
+            "dtype": args.dtype, "quick": bool(args.quick), "whiten": bool(args.whiten),
         },
+        "whitening_log_abs_det": flow_to_logit if whitener is not None else None,
         "machine": _machine(device),
         "date": started.strftime("%Y-%m-%d"),
         "started_utc": started.strftime("%Y-%m-%dT%H:%M:%SZ"),

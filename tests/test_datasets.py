@@ -391,6 +391,41 @@ def test_standardize_split_uses_train_statistics_only():
     assert std_split.info["standardized"] and std_split.info["name"] == "trimodal"
 
 
+def test_whitener_identity_covariance_round_trip_and_exact_gaussian_log_likelihood():
+    rng = np.random.default_rng(1)
+    mix = rng.standard_normal((4, 4)) * np.array([0.1, 1.0, 3.0, 20.0])
+    x = rng.standard_normal((3000, 4)) @ mix.T + np.array([1.0, -2.0, 0.5, 7.0])
+    z, wh = ds.whiten(x)
+    np.testing.assert_allclose(z.mean(0), 0, atol=1e-10)
+    np.testing.assert_allclose(np.cov(z.T, bias=True), np.eye(4), atol=1e-10)
+    np.testing.assert_allclose(wh.inverse(z), x, rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(wh.matrix, wh.matrix.T, atol=1e-12)                 # Sigma^{-1/2} is symmetric
+    np.testing.assert_allclose(wh.matrix @ wh.inverse_matrix, np.eye(4), atol=1e-10)
+    cov = np.cov(x.T, bias=True)
+    np.testing.assert_allclose(wh.log_abs_det, -0.5 * np.linalg.slogdet(cov)[1], rtol=1e-10)
+    # N(0, I) on z, mapped back, is the maximum-likelihood Gaussian on x
+    log_p_z = -0.5 * (z ** 2).sum(1) - 2 * math.log(2 * math.pi)
+    d = x - x.mean(0)
+    direct = -0.5 * np.einsum("ni,ij,nj->n", d, np.linalg.inv(cov), d) - 0.5 * np.linalg.slogdet(2 * math.pi * cov)[1]
+    np.testing.assert_allclose(wh.to_original_log_likelihood(log_p_z), direct, rtol=1e-10)
+
+
+def test_whiten_split_uses_train_statistics_and_rejects_singular_data():
+    split = ds.load_dataset("digits", rng=0, lam=1e-6)
+    white, wh = ds.whiten(split)
+    np.testing.assert_allclose(np.cov(white.train.T, bias=True), np.eye(64), atol=1e-8)
+    assert np.abs(white.val.mean(0)).max() > 1e-3  # validation data were not used to fit
+    np.testing.assert_allclose(white.test, wh.transform(split.test))
+    assert white.info["whitened"] and white.info["name"] == "digits"
+    pixels, _ = ds.load_digits_pixels()  # raw pixels: constant columns, singular covariance
+    with pytest.raises(ValueError, match="singular"):
+        ds.whiten(pixels.astype(float))
+    with pytest.raises(ShapeError, match="more rows than columns"):
+        ds.whiten(np.random.default_rng(0).random((3, 3)))
+    with pytest.raises(ShapeError):
+        wh.transform(np.zeros((2, 5)))
+
+
 def test_standardize_rejects_constant_columns_and_bad_shapes():
     pixels, _ = ds.load_digits_pixels()  # column 0 is always 0 in the raw digits
     with pytest.raises(ValueError, match="constant"):
