@@ -111,6 +111,17 @@ def test_nbgrader_metadata(tmp_path):
         assert [i[:-len("-solution")] for i in ids if i.endswith("-solution")] == labels
 
 
+def test_statements_and_roles_are_plain_markdown(tmp_path):
+    nb = nbformat.read(_generate(tmp_path, "sampling", with_solutions=False), as_version=4)
+    statements = [c for c in nb.cells if c.metadata.get("nbgrader", {}).get("grade_id", "").endswith("-statement")]
+    assert [c.source.split("\n")[0] for c in statements][-2:] == [
+        "### Exercise: Newton's inverse from scratch", "### Exercise: A sampler that factorises once"]
+    text = nbformat.writes(nb)
+    assert "{exercise}" not in text and ":label:" not in text and "{doc}`" not in text and "{cite:" not in text
+    assert ma.plain_markdown("see {doc}`biases`, {eq}`eq-x`, {ref}`ex-a`, {cite:p}`a2020, b2021` and "
+                             "{cite:t}`c2019`") == "see *biases*, (`eq-x`), `ex-a`, [a2020, b2021] and c2019"
+
+
 def test_stub_keeps_signature_and_docstring():
     src = 'x = 1\n### BEGIN SOLUTION\ndef f(a, b=2):\n    """Doc."""\n    return a\n\n\ny = f(1)\n### END SOLUTION\nprint(x)'
     out = ma.stub_source(src, "ex-a")

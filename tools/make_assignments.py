@@ -14,6 +14,8 @@ For every chapter (default: every chapter source with an exercise) one notebook 
   ``assert check_...(fn, strict=True)`` (it raises ``AssertionError`` on failure, as nbgrader's autograder needs;
   in the student version it is tagged ``raises-exception``, since it fails until the exercise is done),
   or, for an exercise without automatic check, a read-only cell saying so;
+* exercise statements become plain Markdown headings (``### Exercise: <title>``) and MyST roles in the prose
+  (``{doc}``, ``{ref}``, ``{eq}``, ``{cite:p}``, ...) plain text, since Jupyter and Colab do not render MyST;
 * nbgrader metadata (schema 3): solution cells ``<label>-solution``, check cells autograded tests
   ``<label>-check`` (1 point), exercise statements read-only ``<label>-statement``.
 
@@ -42,6 +44,8 @@ DEFAULT_OUT = ROOT / "_build" / "student"
 
 _OPEN = re.compile(r"^(?P<fence>`{3,}|:{3,})\{(?P<name>exercise|solution-start|solution-end)\}\s*(?P<arg>.*)$")
 _LABEL = re.compile(r"^:label:\s*(\S+)")
+_ROLE = re.compile(r"\{(?P<role>[a-z]+(?::[a-z]+)?)\}`(?P<text>[^`]*)`")
+_OPTION = re.compile(r"^:[\w-]+:")
 _CHECK_CALL = re.compile(r"^(?:assert\s+)?(?P<call>(?P<fn>check_\w+)\((?P<args>.*)\))\s*$")
 
 
@@ -107,6 +111,36 @@ def strict_check_source(source: str) -> str:
     return "\n".join(out)
 
 
+def plain_markdown(text: str) -> str:
+    """MyST roles as plain Markdown, for Jupyter and Colab, which do not render them.
+
+    ``{doc}`x``` -> *x*, ``{ref}`x``` / ``{numref}`x``` -> `x`, ``{eq}`x``` -> (`x`),
+    ``{cite:p}`a,b``` -> [a, b], ``{cite:t}`a``` -> a; other roles keep their text.
+    """
+    def role(m: "re.Match[str]") -> str:
+        name, body = m.group("role"), m.group("text")
+        if name == "doc":
+            return f"*{body}*"
+        if name in ("ref", "numref"):
+            return f"`{body}`"
+        if name == "eq":
+            return f"(`{body}`)"
+        if name.startswith("cite"):
+            keys = ", ".join(k.strip() for k in body.split(","))
+            return f"[{keys}]" if name != "cite:t" else keys
+        return body
+    return _ROLE.sub(role, text)
+
+
+def exercise_markdown(block: List[str], label: str) -> List[str]:
+    """An ``{exercise}`` directive (fences, title, options, body) as a plain Markdown heading and body."""
+    title = _OPEN.match(block[0]).group("arg").strip()
+    body = [l for l in block[1:-1] if not _OPTION.match(l)]
+    while body and not body[0].strip():
+        body.pop(0)
+    return [f"### Exercise: {title}" if title else "### Exercise", "", f"*Exercise `{label}`*", ""] + body
+
+
 def generic_check_source(label: str) -> str:
     return f'print("Exercise {label} has no automatic check: compare your answer with the solution in the book.")'
 
@@ -121,7 +155,7 @@ class _Builder:
 
     def markdown(self, text: str, meta: Optional[dict] = None) -> None:
         if text.strip():
-            self.cells.append(nbformat.v4.new_markdown_cell(text.strip("\n"), metadata=meta or {}))
+            self.cells.append(nbformat.v4.new_markdown_cell(plain_markdown(text.strip("\n")), metadata=meta or {}))
 
     def check_cell(self, label: str, book_cell=None) -> None:
         if book_cell is not None:
@@ -164,7 +198,7 @@ class _Builder:
                     raise ValueError(f"exercise without :label: ({lines[i]})")
                 self.markdown("\n".join(kept), readonly_meta(f"{statement}-statement") if statement else None)
                 self.label = statement = label
-                kept = list(block)
+                kept = exercise_markdown(block, label)
             elif name == "solution-start":
                 self.in_solution = True
             else:  # solution-end: the check cell goes here
