@@ -26,6 +26,10 @@ check                                     exercise label               function 
 :func:`check_ica_step`                    ``ex-rel-ica-adam``          ``ica_step(W, X, mu)``
 :func:`check_activity_relative_gradient`  ``ex-limits-activity``       ``activity_relative_gradient(W, Z, lam)``
 :func:`check_sigma_inverse`               ``ex-sampling-newton``       ``sigma_inverse_newton(v, alpha)``
+:func:`check_lognormal_density`           ``ex-cov-lognormal``         ``lognormal_density(x)``
+:func:`check_logdet_by_hand`              ``ex-cov-logdet-2x2``        ``logdet_by_hand(p)``
+:func:`check_training_memory_gib`         ``ex-limits-memory``         ``training_memory_gib(dim, n_layers, bytes)``
+:func:`check_logit_nats_to_bpd`           ``ex-images-convert``        ``logit_nats_to_bpd(nats, y, lam, levels)``
 ========================================  ===========================  ============================
 
 Operation counts (the "you formed ``W^T W`` first" hints) are measured by behaviour, not by timing: the
@@ -47,11 +51,15 @@ __all__ = [
     "check_bpd_from_unit_nats",
     "check_ica_step",
     "check_layer_jacobian",
+    "check_logdet_by_hand",
     "check_logdet_grad_2x2",
+    "check_logit_nats_to_bpd",
+    "check_lognormal_density",
     "check_relative_gradient",
     "check_relative_weight_update",
     "check_sigma_inverse",
     "check_strict_layer_update",
+    "check_training_memory_gib",
 ]
 
 #: exercise label -> name of the check function in this module.
@@ -65,6 +73,10 @@ EXERCISE_CHECKS: Dict[str, str] = {
     "ex-rel-ica-adam": "check_ica_step",
     "ex-limits-activity": "check_activity_relative_gradient",
     "ex-sampling-newton": "check_sigma_inverse",
+    "ex-cov-lognormal": "check_lognormal_density",
+    "ex-cov-logdet-2x2": "check_logdet_by_hand",
+    "ex-limits-memory": "check_training_memory_gib",
+    "ex-images-convert": "check_logit_nats_to_bpd",
 }
 
 _NOT_IMPLEMENTED = object()
@@ -682,3 +694,148 @@ def check_sigma_inverse(sigma_inverse_newton: Callable[[np.ndarray, float], np.n
                 "any shape.")
 
     return _run("ex-sampling-newton", sigma_inverse_newton, body, strict)
+
+
+def _first_mismatch(got: np.ndarray, ref: np.ndarray, mistakes: Sequence[Tuple[np.ndarray, str]], what: str) -> None:
+    """Raise _Failed with the hint of the mistake ``got`` matches, else a generic message."""
+    if got.shape != ref.shape:
+        raise _Failed(f"returned shape {got.shape}, expected {ref.shape}.")
+    if not _close(got, ref):
+        raise _Failed(_match_mistake(got, mistakes) or what)
+
+
+def check_lognormal_density(lognormal_density: Callable[[np.ndarray], np.ndarray], *, strict: bool = False) -> bool:
+    """Check ``lognormal_density(x)``, the density of ``exp(S)``, ``S ~ N(0, 1)`` (``ex-cov-lognormal``).
+
+    Reference ``phi(log x) / x`` on a seeded array of positive numbers.  Hints: the Jacobian ``1/x``
+    forgotten, multiplied by ``x`` instead of divided, the normal density taken at ``x`` instead of ``log x``,
+    the ``1/sqrt(2 pi)`` forgotten.
+
+    Args:
+        lognormal_density: the student's function, array ``(N,)`` of positive numbers -> array ``(N,)``.
+        strict: raise ``AssertionError`` on failure (for autograding) instead of only printing.
+
+    Returns:
+        True when the function agrees with the reference.
+    """
+    def body() -> str:
+        x = np.exp(np.random.default_rng(20248).standard_normal(12) * 1.5)
+        got = _as_array(_result(lognormal_density, x.copy()), "the density")
+        phi = np.exp(-0.5 * np.log(x) ** 2) / np.sqrt(2 * np.pi)
+        _first_mismatch(got, phi / x, [
+            (phi, "the Jacobian is missing: p_X(x) = p_S(log x) |d log x / dx| = phi(log x) / x."),
+            (phi * x, "multiply by |g'(x)| = 1/x, i.e. divide by x (you multiplied by x)."),
+            (np.exp(-0.5 * x ** 2) / np.sqrt(2 * np.pi) / x, "the normal density is taken at g(x) = log x, "
+             "not at x."),
+            (np.exp(-0.5 * np.log(x) ** 2) / x, "the normal density's 1/sqrt(2 pi) is missing."),
+        ], "wrong value: expected phi(log x) / x with phi the standard normal density.")
+        return f"{_name(lognormal_density)} returns phi(log x) / x (the log-normal density)."
+
+    return _run("ex-cov-lognormal", lognormal_density, body, strict)
+
+
+def check_logdet_by_hand(logdet_by_hand: Callable[[np.ndarray], float], *, strict: bool = False) -> bool:
+    """Check ``logdet_by_hand(p)`` = ``log|det J_g(p)|`` for ``g(x) = (x1 + sin(x2)/2, x2 + tanh(x1)/2)`` (``ex-cov-logdet-2x2``).
+
+    Reference ``log(1 - cos(x2) (1 - tanh(x1)^2) / 4)`` at seeded points.  Hints: the determinant without
+    the logarithm, the product of the diagonal only (``0``), a ``+`` for the off-diagonal product, the
+    derivative of ``tanh`` taken as ``1 - tanh`` or ``tanh``.
+
+    Args:
+        logdet_by_hand: the student's function, one point ``(2,)`` -> a number.
+        strict: raise ``AssertionError`` on failure (for autograding) instead of only printing.
+
+    Returns:
+        True when the function agrees with the reference at every point.
+    """
+    def body() -> str:
+        points = np.random.default_rng(20249).standard_normal((6, 2)) * 1.5
+        for p in points:
+            got = _as_array(_result(logdet_by_hand, p.copy()), "log|det J|")
+            c, t = np.cos(p[1]), np.tanh(p[0])
+            det = 1 - 0.25 * c * (1 - t ** 2)
+            _first_mismatch(got, np.asarray(np.log(det)), [
+                (np.asarray(det), "you returned det J; take its logarithm (log|det J|)."),
+                (np.asarray(0.0), "log of the diagonal product only: det J = 1 * 1 - (off-diagonal product), "
+                                  "subtract (cos x2 / 2)(tanh'(x1) / 2)."),
+                (np.asarray(np.log(1 + 0.25 * c * (1 - t ** 2))), "det [[a, b], [c, d]] = ad - bc: subtract the "
+                                                                "off-diagonal product, do not add it."),
+                (np.asarray(np.log(1 - 0.25 * c * (1 - t))), "tanh'(x) = 1 - tanh(x)^2, not 1 - tanh(x)."),
+                (np.asarray(np.log(1 - 0.25 * c * t)), "the derivative of tanh is 1 - tanh^2, not tanh."),
+            ], f"wrong value at p = {p.round(3).tolist()}: expected {np.log(det):.6f}.")
+        return f"{_name(logdet_by_hand)} agrees with log(1 - cos(x2)(1 - tanh(x1)^2)/4) at {len(points)} points."
+
+    return _run("ex-cov-logdet-2x2", logdet_by_hand, body, strict)
+
+
+def check_training_memory_gib(training_memory_gib: Callable[..., float], *, strict: bool = False) -> bool:
+    """Check ``training_memory_gib(dim, n_layers, bytes_per_number=4)`` (``ex-limits-memory``).
+
+    Reference: ``3 * bytes * L (D^2 + D) / 2^30`` (parameters and Adam's two moments).  Hints: biases
+    forgotten, Adam's moments forgotten or counted once, decimal gigabytes instead of GiB, the default of
+    ``bytes_per_number`` not 4.
+
+    Args:
+        training_memory_gib: the student's function ``(dim, n_layers, bytes_per_number=4) -> float``.
+        strict: raise ``AssertionError`` on failure (for autograding) instead of only printing.
+
+    Returns:
+        True when every case agrees.
+    """
+    def body() -> str:
+        for dim, layers, nbytes in ((784, 2, 4), (10, 3, 8), (4096, 1, 2)):
+            got = _as_array(_result(training_memory_gib, dim, layers, nbytes), "the memory")
+            params = layers * (dim ** 2 + dim)
+            _first_mismatch(got, np.asarray(3 * nbytes * params / 2 ** 30), [
+                (np.asarray(3 * nbytes * layers * dim ** 2 / 2 ** 30), "the biases are missing: each layer has "
+                 "D^2 + D parameters."),
+                (np.asarray(nbytes * params / 2 ** 30), "Adam's two moment estimates are missing: three numbers per "
+                 "parameter."),
+                (np.asarray(2 * nbytes * params / 2 ** 30), "Adam keeps two numbers per parameter on top of the "
+                 "parameter itself: three in all."),
+                (np.asarray(3 * nbytes * params / 1e9), "GiB are 2^30 bytes, not 10^9."),
+            ], f"wrong value for D = {dim}, L = {layers}, {nbytes} bytes per number.")
+        got = _as_array(_result(training_memory_gib, 784, 2), "the memory")
+        if not _close(got, np.asarray(12 * 2 * (784 ** 2 + 784) / 2 ** 30)):
+            raise _Failed("the default bytes_per_number should be 4 (float32).")
+        return f"{_name(training_memory_gib)} counts 3 numbers per parameter, L (D^2 + D) parameters, in GiB."
+
+    return _run("ex-limits-memory", training_memory_gib, body, strict)
+
+
+def check_logit_nats_to_bpd(logit_nats_to_bpd: Callable[..., float], *, strict: bool = False) -> bool:
+    """Check ``logit_nats_to_bpd(mean_logit_nats, y, lam, levels)`` (``ex-images-convert``).
+
+    Reference: ``-(mean_logit_nats + mean log|det dy/dx| - D log K) / (D ln 2)`` with the log-Jacobian of the
+    logit transform averaged over the images ``y`` (:func:`relgrad.datasets.logit_log_jacobian`).  Hints: the
+    logit Jacobian or the ``D log K`` term forgotten, nats not converted to bits, the sign.
+
+    Args:
+        logit_nats_to_bpd: the student's function ``(float, y (N, D), lam, levels) -> float``.
+        strict: raise ``AssertionError`` on failure (for autograding) instead of only printing.
+
+    Returns:
+        True when the function agrees with the reference.
+    """
+    from relgrad.datasets import dequantize, logit_log_jacobian, logit_transform
+
+    def body() -> str:
+        rng = np.random.default_rng(20250)
+        levels, lam, nats = 17, 1e-6, -120.0
+        x = dequantize(rng.integers(0, levels, (40, 64)), levels=levels, rng=rng)
+        y = logit_transform(x, lam)[0]
+        d, jac = y.shape[1], float(np.mean(logit_log_jacobian(y, lam)))
+        got = _as_array(_result(logit_nats_to_bpd, nats, y.copy(), lam, levels), "the bits per dimension")
+        ref = -(nats + jac - d * np.log(levels)) / (d * np.log(2))
+        _first_mismatch(got, np.asarray(ref), [
+            (np.asarray(-(nats - d * np.log(levels)) / (d * np.log(2))), "the logit transform's log-Jacobian "
+             "is missing: add its mean over the images (logit_log_jacobian(y, lam))."),
+            (np.asarray(-(nats + jac) / (d * np.log(2))), "the D log K of the scaling u -> u / K is missing."),
+            (np.asarray(-(nats + jac - d * np.log(levels)) / d), "that is nats per dimension: divide by D ln 2."),
+            (np.asarray(-ref), "the sign is flipped: bits per dimension are -log p_U / (D ln 2)."),
+            (np.asarray(-(nats - jac - d * np.log(levels)) / (d * np.log(2))), "the log-Jacobian enters with a "
+             "plus sign: log p_U = log p_Y + log|det dy/dx| - D log K."),
+        ], f"wrong value: expected {ref:.6f} bits/dim.")
+        return f"{_name(logit_nats_to_bpd)} converts logit-space nats to bits/dim with the mean Jacobian."
+
+    return _run("ex-images-convert", logit_nats_to_bpd, body, strict)

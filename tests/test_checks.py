@@ -86,6 +86,33 @@ def _newton_in_place(v, alpha):
     return _newton(v, alpha)
 
 
+def _phi(z):
+    return np.exp(-0.5 * z ** 2) / np.sqrt(2 * np.pi)
+
+
+def lognormal_ref(x):
+    return _phi(np.log(x)) / x
+
+
+def logdet_hand_ref(p):
+    return np.log(1 - 0.25 * np.cos(p[1]) * (1 - np.tanh(p[0]) ** 2))
+
+
+def memory_ref(dim, n_layers, bytes_per_number=4):
+    return 3 * bytes_per_number * n_layers * (dim ** 2 + dim) / 2 ** 30
+
+
+def convert_ref(nats, y, lam, levels):
+    from relgrad.datasets import logit_log_jacobian
+    d = y.shape[1]
+    return -(nats + np.mean(logit_log_jacobian(y, lam)) - d * np.log(levels)) / (d * np.log(2))
+
+
+def _jac_mean(y, lam):
+    from relgrad.datasets import logit_log_jacobian
+    return np.mean(logit_log_jacobian(y, lam))
+
+
 def stub(*args):
     raise NotImplementedError("Exercise: your code here")
 
@@ -151,6 +178,34 @@ CASES = {
         (lambda W, Z, lam: (Z @ W.T).T @ ((Z @ W.T) @ W) / len(Z), "factor lam is missing"),
         (lambda W, Z, lam: lam / len(Z) * (Z @ W.T).T @ ((Z @ W.T) @ W.T), "wrong transpose"),
         (lambda W, Z, lam: lam / len(Z) * ((Z @ W.T).T @ Z) @ (W.T @ W), "wrong cost"),
+    ]),
+    "check_lognormal_density": (lognormal_ref, [
+        (lambda x: _phi(np.log(x)), "Jacobian is missing"),
+        (lambda x: _phi(np.log(x)) * x, "you multiplied by x"),
+        (lambda x: _phi(x) / x, "not at x"),
+        (lambda x: np.exp(-0.5 * np.log(x) ** 2) / x, "1/sqrt(2 pi) is missing"),
+    ]),
+    "check_logdet_by_hand": (logdet_hand_ref, [
+        (lambda p: np.exp(logdet_hand_ref(p)), "take its logarithm"),
+        (lambda p: 0.0, "diagonal product only"),
+        (lambda p: np.log(1 + 0.25 * np.cos(p[1]) * (1 - np.tanh(p[0]) ** 2)), "do not add it"),
+        (lambda p: np.log(1 - 0.25 * np.cos(p[1]) * (1 - np.tanh(p[0]))), "not 1 - tanh(x)"),
+        (lambda p: np.log(1 - 0.25 * np.cos(p[1]) * np.tanh(p[0])), "not tanh"),
+    ]),
+    "check_training_memory_gib": (memory_ref, [
+        (lambda d, n, b=4: 3 * b * n * d ** 2 / 2 ** 30, "biases are missing"),
+        (lambda d, n, b=4: b * n * (d ** 2 + d) / 2 ** 30, "two moment estimates are missing"),
+        (lambda d, n, b=4: 2 * b * n * (d ** 2 + d) / 2 ** 30, "three in all"),
+        (lambda d, n, b=4: 3 * b * n * (d ** 2 + d) / 1e9, "not 10^9"),
+        (lambda d, n, b=8: 3 * b * n * (d ** 2 + d) / 2 ** 30, "default bytes_per_number"),
+    ]),
+    "check_logit_nats_to_bpd": (convert_ref, [
+        (lambda n, y, lam, k: -(n - y.shape[1] * np.log(k)) / (y.shape[1] * np.log(2)), "log-Jacobian is missing"),
+        (lambda n, y, lam, k: -(n + _jac_mean(y, lam)) / (y.shape[1] * np.log(2)), "D log K"),
+        (lambda n, y, lam, k: convert_ref(n, y, lam, k) * np.log(2), "divide by D ln 2"),
+        (lambda n, y, lam, k: -convert_ref(n, y, lam, k), "sign is flipped"),
+        (lambda n, y, lam, k: -(n - _jac_mean(y, lam) - y.shape[1] * np.log(k)) / (y.shape[1] * np.log(2)),
+         "plus sign"),
     ]),
     "check_sigma_inverse": (newton_ref, [
         (lambda v, a: a * v + (1 - a) * _softplus(v), "you applied sigma"),
