@@ -412,12 +412,17 @@ def standardize(data: Union[Split, np.ndarray]) -> Tuple[Union[Split, np.ndarray
     Shapes:
         an ``(N, D)`` array, or a Split with ``D`` columns, in; the same shapes out.
     """
+    return _fit_and_apply(Standardizer, data, "standardized")
+
+
+def _fit_and_apply(kind: Any, data: Union[Split, np.ndarray], flag: str) -> Tuple[Union[Split, np.ndarray], Any]:
+    """Fit ``kind`` (Standardizer or Whitener) on ``data`` (on ``train`` for a Split) and transform all of it."""
     if isinstance(data, Split):
-        st = Standardizer.fit(data.train)
-        info = dict(data.info, standardized=True)
-        return Split(st.transform(data.train), st.transform(data.val), st.transform(data.test), info=info), st
-    st = Standardizer.fit(data)
-    return st.transform(data), st
+        fitted = kind.fit(data.train)
+        parts = (fitted.transform(part) for part in (data.train, data.val, data.test))
+        return Split(*parts, info=dict(data.info, **{flag: True})), fitted
+    fitted = kind.fit(data)
+    return fitted.transform(data), fitted
 
 
 @dataclass(frozen=True, eq=False)
@@ -476,12 +481,7 @@ def whiten(data: Union[Split, np.ndarray]) -> Tuple[Union[Split, np.ndarray], Wh
     Shapes:
         an ``(N, D)`` array, or a Split with ``D`` columns, in; the same shapes out.
     """
-    if isinstance(data, Split):
-        wh = Whitener.fit(data.train)
-        info = dict(data.info, whitened=True)
-        return Split(wh.transform(data.train), wh.transform(data.val), wh.transform(data.test), info=info), wh
-    wh = Whitener.fit(data)
-    return wh.transform(data), wh
+    return _fit_and_apply(Whitener, data, "whitened")
 
 
 def _as_batch(x: np.ndarray, name: str, dim: Optional[int] = None) -> np.ndarray:
