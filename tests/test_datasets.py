@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from relgrad import datasets as ds
+from relgrad.datasets import images
 from relgrad.errors import NonFiniteError, ShapeError, UnknownDatasetError
 
 N = 20_000  # large enough for the geometric checks below to have tight tolerances
@@ -604,11 +605,11 @@ def test_download_helper_is_atomic_and_checks_md5(tmp_path):
     src.write_bytes(gzip.compress(idx_bytes(np.arange(10, dtype=np.uint8), 0x08)))
     md5 = hashlib.md5(src.read_bytes()).hexdigest()
     dest = tmp_path / "out" / "train-labels-idx1-ubyte.gz"
-    ds._download_file(src.as_uri(), dest, md5)
+    images._download_file(src.as_uri(), dest, md5)
     assert dest.read_bytes() == src.read_bytes()
     bad = tmp_path / "out" / "other.gz"
     with pytest.raises(OSError, match="checksum mismatch"):
-        ds._download_file(src.as_uri(), bad, "0" * 32)
+        images._download_file(src.as_uri(), bad, "0" * 32)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [dest.name]  # no partial file left
 
 
@@ -617,7 +618,7 @@ def test_mirror_constants_and_checksums_cover_the_standard_files():
     assert ds.FASHION_MNIST_MIRROR.startswith("https://") and ds.FASHION_MNIST_MIRROR.endswith("/")
     names = {f"{p}-{w}-idx{r}-ubyte.gz" for p in ("train", "t10k") for w, r in (("images", 3), ("labels", 1))}
     for kind in ("mnist", "fashion-mnist"):
-        assert set(ds._MD5[kind]) == names
+        assert set(images._MD5[kind]) == names
 
 
 def test_no_network_when_loading(monkeypatch):

@@ -1,0 +1,91 @@
+"""Datasets for the book, all usable offline: the paper's 2-D toys, scikit-learn's digits, and MNIST-style IDX files.
+
+Backend-free (NumPy only).  scikit-learn is imported lazily, inside the function that needs it, so
+``import relgrad.datasets`` works without it.  Nothing here touches the network unless you call
+:func:`download_mnist` yourself.
+
+Every public name is importable from here (``from relgrad.datasets import load_dataset``); each lives in
+the module of its concern, layered from the ground up (a module imports only the layers below it, which
+``tests/test_layering.py`` checks):
+
+* :mod:`~relgrad.datasets.base`: argument checks shared by the others (names, counts, ``lam``, ``RNGLike``);
+* :mod:`~relgrad.datasets.toys`: the 2-D toys (:data:`TOY_DATASETS`, :func:`sample_toy`): sine, trimodal,
+  moons, rings, 2spirals, checkerboard, 8gaussians; every draw takes an explicit ``rng``;
+* :mod:`~relgrad.datasets.images`: digits, MNIST and Fashion-MNIST on disk (IDX reader, optional download);
+* :mod:`~relgrad.datasets.transforms`: :class:`Standardizer`, :class:`Whitener`, dequantisation and the
+  logit transform;
+* :mod:`~relgrad.datasets.metrics`: the likelihood spaces of image data (logit-space nats, pixel-unit nats,
+  bits per dimension; the conventions are written out in that module's docstring);
+* :mod:`~relgrad.datasets.loader`, on top: :class:`Split`, :func:`load_dataset`, and :func:`standardize` /
+  :func:`whiten`, which fit on a split's training part.
+"""
+
+from .base import RNGLike
+from .images import (
+    DEBIAN_FASHION_MNIST_DIR,
+    FASHION_MNIST_MIRROR,
+    IMAGE_DATASETS,
+    MNIST_MIRROR,
+    default_data_dir,
+    download_mnist,
+    load_digits_pixels,
+    load_idx_images,
+    load_idx_labels,
+    read_idx,
+)
+from .loader import DATASETS, Split, load_dataset, standardize, whiten
+from .metrics import (
+    bits_per_dim,
+    bits_per_dim_from_logit,
+    image_likelihood_summary,
+    logit_log_jacobian,
+    pixel_log_likelihood,
+)
+from .toys import (
+    EIGHT_GAUSSIANS_RADIUS,
+    EIGHT_GAUSSIANS_STD,
+    MOONS_NOISE,
+    RING_NOISE,
+    RING_RADII,
+    SINE_NOISE,
+    SPIRAL_NOISE,
+    SPIRAL_TURNS,
+    TOY_DATASETS,
+    TRIMODAL_CENTRES,
+    TRIMODAL_STDS,
+    sample_toy,
+)
+from .transforms import Standardizer, Whitener, dequantize, logit_inverse, logit_transform, unit_to_pixels
+
+# The same list, in the same order, as when relgrad.datasets was one module (the toy constants and
+# RNGLike were importable but not listed, and still are).
+__all__ = [
+    "TOY_DATASETS",
+    "IMAGE_DATASETS",
+    "DATASETS",
+    "sample_toy",
+    "Split",
+    "load_dataset",
+    "Standardizer",
+    "standardize",
+    "Whitener",
+    "whiten",
+    "load_digits_pixels",
+    "dequantize",
+    "logit_transform",
+    "logit_inverse",
+    "logit_log_jacobian",
+    "unit_to_pixels",
+    "pixel_log_likelihood",
+    "bits_per_dim",
+    "bits_per_dim_from_logit",
+    "image_likelihood_summary",
+    "read_idx",
+    "load_idx_images",
+    "load_idx_labels",
+    "default_data_dir",
+    "download_mnist",
+    "MNIST_MIRROR",
+    "FASHION_MNIST_MIRROR",
+    "DEBIAN_FASHION_MNIST_DIR",
+]
