@@ -1,4 +1,4 @@
-"""relgrad.checks: each check passes the reference and names each typical mistake."""
+"""relgrad.teaching.checks: each check passes the reference and names each typical mistake."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from relgrad import checks
-from relgrad.numpy.gradients import _relative_layer
+from relgrad.teaching import checks
+from relgrad.numpy.gradients import relative_layer
 
 
 def logdet_ref(W):
@@ -31,7 +31,7 @@ def update_ref(Delta, Z, W):
 
 
 def layer_ref(W, b, Y, Delta):
-    return _relative_layer(np.asarray(W), np.asarray(b), np.asarray(Y), np.asarray(Delta), strict=True)
+    return relative_layer(np.asarray(W), np.asarray(b), np.asarray(Y), np.asarray(Delta), strict=True)
 
 
 def bpd_ref(nats, dim, levels):

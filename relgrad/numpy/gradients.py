@@ -37,7 +37,7 @@ from ..training import METHODS
 from .activation import dlog_sigma_prime, sigma_prime
 from .flow import DenseFlow, Trace
 
-__all__ = ["deltas", "gradients", "loss_and_gradients"]
+__all__ = ["check_method", "deltas", "gradients", "loss_and_gradients", "relative_layer"]
 
 #: Gradient methods the NumPy twin implements.
 NUMPY_METHODS = ("relative", "authors", "ordinary")
@@ -45,7 +45,7 @@ NUMPY_METHODS = ("relative", "authors", "ordinary")
 Grads = List[Tuple[np.ndarray, np.ndarray]]
 
 
-def _check_method(method: str) -> None:
+def check_method(method: str) -> None:
     """Raise ``ValueError`` for a method this twin cannot run, saying what to use instead."""
     if method == "autodiff":
         raise ValueError(
@@ -96,7 +96,7 @@ def _ordinary_layer(w: np.ndarray, z: np.ndarray, delta: np.ndarray, where: str)
     return dw, delta.sum(axis=0)
 
 
-def _relative_layer(
+def relative_layer(
     w: np.ndarray, b: np.ndarray, y: np.ndarray, delta: np.ndarray, strict: bool
 ) -> Tuple[np.ndarray, np.ndarray]:
     """Relative gradient of one layer, O(M D^2): dW = Delta^T (Y W) - W, db = Delta^T (Y b) + g_b [- b if strict].
@@ -143,7 +143,7 @@ def _layer_gradients(model: DenseFlow, trace: Trace, method: str) -> Grads:
         elif method == "authors":
             grads.append(_authors_layer(w, b, trace.zs[k], delta))
         else:
-            grads.append(_relative_layer(w, b, trace.ys[k], delta, strict=True))
+            grads.append(relative_layer(w, b, trace.ys[k], delta, strict=True))
     return grads
 
 
@@ -157,7 +157,7 @@ def loss_and_gradients(model: DenseFlow, x: ArrayLike, method: str = "relative")
     Shapes:
         x: ``(M, D)``; returns a float and L pairs ``(dW (D, D), db (D,))``.
     """
-    _check_method(method)
+    check_method(method)
     tr = model.trace(x)
     base, activation = model._data_terms(tr)
     return -float(np.mean(base + activation)), _layer_gradients(model, tr, method)

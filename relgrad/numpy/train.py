@@ -17,7 +17,7 @@ from ..errors import CheckpointError
 from ..training import History, check_loss, minibatch_indices, run_epochs
 from ..utils import as_generator, check_batch, check_finite
 from .flow import DenseFlow
-from .gradients import _check_method, loss_and_gradients
+from .gradients import check_method, loss_and_gradients
 
 __all__ = ["Adam", "fit", "save_checkpoint", "load_checkpoint"]
 
@@ -222,7 +222,7 @@ def fit(
         x_train: ``(N, D)``; x_val: ``(N_val, D)``; returns a :class:`~relgrad.training.History` whose lists
         have one entry per epoch run.
     """
-    _check_method(method)
+    check_method(method)
     x_train = _validated(x_train, model.dim, "x_train")
     x_val = _validated(x_val, model.dim, "x_val")
     gen, opt = as_generator(rng), Adam(model.parameters(), lr=lr)

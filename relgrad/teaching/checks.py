@@ -1,4 +1,4 @@
-"""Self-checks for the book's coding exercises.
+"""Self-checks for the book's coding exercises (course material; see :mod:`relgrad.teaching`).
 
 Each ``check_*`` function runs a student's function on seeded inputs, compares the result with a reference
 computed by :mod:`relgrad` (or NumPy), prints ``✓ ...`` on success and, on failure, a specific hint for the
@@ -44,6 +44,10 @@ from __future__ import annotations
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+
+from ..datasets import dequantize, logit_log_jacobian, logit_transform
+from ..numpy.activation import sigma, sigma_inverse, sigma_prime
+from ..numpy.gradients import relative_layer
 
 __all__ = [
     "EXERCISE_CHECKS",
@@ -372,7 +376,7 @@ def check_strict_layer_update(strict_layer_update: Callable[..., Tuple[np.ndarra
                               strict: bool = False) -> bool:
     """Check ``strict_layer_update(W, b, Y, Delta) -> (dW, db)``, the strict relative update of one layer (``ex-biases-centred``).
 
-    The reference is ``relgrad.numpy.gradients._relative_layer(..., strict=True)``:
+    The reference is ``relgrad.numpy.gradients.relative_layer(..., strict=True)``:
     ``dW = Delta^T (Y W) - W`` and ``db = Delta^T (Y b) + Delta^T 1 - b`` with ``Y = Z W^T + 1 b^T``.
     Hints: the authors' bias rule (``db`` without ``- b``), the log-determinant term ``-W`` forgotten,
     ``g_b = Delta^T 1`` forgotten, and the cubic order (a ``D x D`` by ``D x D`` product).
@@ -384,8 +388,6 @@ def check_strict_layer_update(strict_layer_update: Callable[..., Tuple[np.ndarra
     Returns:
         True when both blocks agree with the reference and no cubic product was taken.
     """
-    from relgrad.numpy.gradients import _relative_layer
-
     def body() -> str:
         rng = np.random.default_rng(20243)
         M, D = 3, 30
@@ -396,7 +398,7 @@ def check_strict_layer_update(strict_layer_update: Callable[..., Tuple[np.ndarra
         if not isinstance(out, (tuple, list)) or len(out) != 2:
             raise _Failed("should return a pair (dW, db).")
         dW, db = _as_array(out[0], "dW"), _as_array(out[1], "db")
-        ref_w, ref_b = _relative_layer(W, b, Y, Delta, strict=True)
+        ref_w, ref_b = relative_layer(W, b, Y, Delta, strict=True)
         if dW.shape != (D, D) or db.shape != (D,):
             raise _Failed(f"returned shapes {dW.shape}, {db.shape}; expected ({D}, {D}) and ({D},).")
         if not _close(dW, ref_w):
@@ -469,16 +471,6 @@ def check_bpd_from_unit_nats(bpd_from_unit_nats: Callable[[float, int, int], flo
     return _run("ex-cov-bpd", bpd_from_unit_nats, body, strict)
 
 
-def _sigma_np(u: np.ndarray, alpha: float) -> np.ndarray:
-    from relgrad.numpy.activation import sigma
-    return sigma(u, alpha)
-
-
-def _sigma_prime_np(u: np.ndarray, alpha: float) -> np.ndarray:
-    from relgrad.numpy.activation import sigma_prime
-    return sigma_prime(u, alpha)
-
-
 def check_layer_jacobian(layer_jacobian: Callable[..., np.ndarray], *, strict: bool = False) -> bool:
     """Check ``layer_jacobian(W, b, z, phi_prime)`` = ``diag(phi'(W z + b)) W`` (``ex-jacobian-layer``).
 
@@ -500,7 +492,7 @@ def check_layer_jacobian(layer_jacobian: Callable[..., np.ndarray], *, strict: b
         D = 5
         W, b, z = rng.standard_normal((D, D)), rng.standard_normal(D), rng.standard_normal(D)
         cases = [(lambda y: 1.0 - np.tanh(y) ** 2, "tanh"),
-                 (lambda y: _sigma_prime_np(y, 0.3), "the smooth leaky ReLU")]
+                 (lambda y: sigma_prime(y, 0.3), "the smooth leaky ReLU")]
         for phi_prime, what in cases:
             got = _as_array(_result(layer_jacobian, W.copy(), b.copy(), z.copy(), phi_prime), "the Jacobian")
             y = W @ z + b
@@ -639,8 +631,6 @@ def check_sigma_inverse(sigma_inverse_newton: Callable[[np.ndarray, float], np.n
     Returns:
         True when every case is solved to rounding.
     """
-    from relgrad.numpy.activation import sigma_inverse
-
     def body() -> str:
         rng = np.random.default_rng(20247)
         grid = np.array([-1e4, -300.0, -50.0, -5.0, -1.0, -0.1, 0.0, 0.1, 1.0, 5.0, 50.0, 800.0, 1e4])
@@ -674,14 +664,14 @@ def check_sigma_inverse(sigma_inverse_newton: Callable[[np.ndarray, float], np.n
                               "u - (sigma(u) - v) / sigma'(u), minus sign, divided by the derivative "
                               "sigma'(u) = alpha + (1 - alpha) sigmoid(u).")
             with np.errstate(all="ignore"):
-                forward = _sigma_np(v, alpha)
+                forward = sigma(v, alpha)
             hint = _match_mistake(got, [
                 (forward, "you applied sigma, not its inverse: solve sigma(u) = v for u."),
                 (v, "you returned v unchanged: no Newton step was taken."),
             ])
             if hint is None:
                 with np.errstate(all="ignore"):
-                    residual = np.abs(_sigma_np(got, alpha) - v) / np.maximum(1.0, np.abs(v))
+                    residual = np.abs(sigma(got, alpha) - v) / np.maximum(1.0, np.abs(v))
                 if np.nanmax(residual) < 1e-3:
                     hint = (f"close but not converged {where}: iterate until the step no longer changes u (a fixed "
                             "small number of steps is not enough from every start), and start to the right of "
@@ -817,8 +807,6 @@ def check_logit_nats_to_bpd(logit_nats_to_bpd: Callable[..., float], *, strict: 
     Returns:
         True when the function agrees with the reference.
     """
-    from relgrad.datasets import dequantize, logit_log_jacobian, logit_transform
-
     def body() -> str:
         rng = np.random.default_rng(20250)
         levels, lam, nats = 17, 1e-6, -120.0
