@@ -7,6 +7,7 @@ Two twins with the same names and semantics:
 
 Backend-free helpers live in :mod:`relgrad.utils`, :mod:`relgrad.datasets`, :mod:`relgrad.plotting`,
 :mod:`relgrad.training` and :mod:`relgrad.errors`.  ``import relgrad`` imports neither NumPy twin nor torch.
+Course material (the book's exercise self-checks) lives apart, in :mod:`relgrad.teaching`.
 """
 
 __version__ = "0.1.0"

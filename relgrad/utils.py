@@ -9,6 +9,7 @@ import os
 import platform
 import random
 import sys
+from pathlib import Path
 from typing import Any, Iterable, Optional, TypeVar
 
 import numpy as np
@@ -31,6 +32,7 @@ __all__ = [
     "cpu_name",
     "environment_summary",
     "print_environment",
+    "results_dir",
 ]
 
 
@@ -206,3 +208,13 @@ def print_environment() -> None:
     width = max(len(k) for k in info)
     for key, value in info.items():
         print(f"{key:<{width}} : {value}")
+
+
+# --------------------------------------------------------------------------------------------- files
+def results_dir() -> Path:
+    """The folder of the committed results (``relgrad/results``), found relative to the installed package.
+
+    A plain path helper here, so that whoever reads the committed runs (the experiments CLI, the benchmark,
+    a chapter) needs nothing more than this module.
+    """
+    return Path(__file__).resolve().parent / "results"

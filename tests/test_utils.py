@@ -82,3 +82,11 @@ def test_cost_model_ratios() -> None:
     d = costs.crossover_dim(2, 100)
     assert costs.flops_ordinary(2, 100, d) == pytest.approx(costs.flops_relative(2, 100, d))
     assert costs.flops_ordinary(2, 10, 784) / costs.flops_relative(2, 10, 784) == pytest.approx(30.6, abs=0.1)
+
+
+def test_results_dir_is_the_committed_folder_next_to_the_package() -> None:
+    import relgrad
+
+    folder = utils.results_dir()
+    assert folder == utils.Path(relgrad.__file__).resolve().parent / "results"
+    assert (folder / "README.md").is_file() and sorted(folder.glob("*.json"))  # the committed runs are there
