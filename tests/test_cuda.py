@@ -33,7 +33,7 @@ def test_model_lives_on_the_gpu() -> None:
     model = flow(4, 2, "cuda")
     assert all(p.device.type == "cuda" for p in model.parameters())
     x = data(5, 4)  # a CPU batch is moved to the model's device
-    assert model(x).device.type == "cuda" and model.log_likelihood(x).device.type == "cuda"
+    assert model(x)[0].device.type == "cuda" and model.log_likelihood(x).device.type == "cuda"
     assert rt.DenseFlow(3, device="auto").device.type == "cuda"
 
 
@@ -94,7 +94,7 @@ def test_sampling_on_gpu() -> None:
     xg = model.sample(11, generator=g)
     assert xg.device.type == "cuda" and torch.isfinite(xg).all()
     assert torch.equal(xg, model.sample(11, generator=torch.Generator(device="cuda").manual_seed(4)))
-    assert torch.allclose(model.inverse(model(xs)), xs, atol=1e-4)
+    assert torch.allclose(model.inverse(model(xs)[0]), xs, atol=1e-4)
 
 
 def test_checkpoint_from_gpu_to_cpu(tmp_path) -> None:

@@ -88,7 +88,8 @@ def test_init_is_orthogonal_with_zero_bias_and_seeded() -> None:
         assert torch.allclose(wa.T @ wa, torch.eye(6, dtype=F64), atol=1e-13)
         assert torch.equal(wa, wb) and torch.equal(ba, torch.zeros(6, dtype=F64))
     assert not torch.equal(a.weights[0], a.weights[1])
-    assert isinstance(a.weights, torch.nn.ParameterList) and len(list(a.parameters())) == 6
+    assert all(isinstance(w, torch.nn.Parameter) for w in a.weights) and len(list(a.parameters())) == 6
+    assert [type(m).__name__ for m in a.layers] == ["RelativeLinear"] * 3
     assert a.dim == 6 and a.n_layers == 3 and a.alpha == DEFAULT_ALPHA
     assert DenseFlow(3, device="cpu").dtype == torch.float32
 
@@ -101,15 +102,15 @@ def test_trace_caches_layer_inputs_and_preactivations() -> None:
     for k in range(3):
         assert torch.allclose(tr.ys[k], tr.zs[k] @ model.weights[k].T + model.biases[k], atol=1e-15)
     assert torch.allclose(tr.zs[1], sigma(tr.ys[0], model.alpha), atol=0)
-    assert torch.equal(tr.s, model(x))
+    assert torch.equal(tr.s, model(x)[0])
 
 
 def brute_force_log_likelihood(model: DenseFlow, x: torch.Tensor) -> torch.Tensor:
     """log N(s) + log|det J(x)| with J from autograd.functional.jacobian on each sample."""
     out = []
     for xi in x:
-        jac = torch.autograd.functional.jacobian(lambda v: model(v[None])[0], xi)
-        s = model(xi[None])[0]
+        jac = torch.autograd.functional.jacobian(lambda v: model(v[None])[0][0], xi)
+        s = model(xi[None])[0][0]
         base = -0.5 * (s @ s) - 0.5 * len(s) * math.log(2 * math.pi)
         out.append(base + torch.linalg.slogdet(jac).logabsdet)
     return torch.stack(out)
@@ -142,10 +143,10 @@ def test_logdet_weights_per_layer() -> None:
 def test_inverse_of_forward(dim: int, n_layers: int) -> None:
     model = random_flow(dim, n_layers)
     x = data(50, dim) * 3
-    back = model.inverse(model(x))
+    back = model.inverse(model(x)[0])
     rel = ((back - x).norm() / x.norm()).item()
     assert rel <= 1e-8, rel
-    assert torch.allclose(model(model.inverse(x)), x, rtol=1e-10, atol=1e-10)
+    assert torch.allclose(model(model.inverse(x))[0], x, rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -157,13 +158,13 @@ def test_sample_shape_dtype_device_and_seed(dtype: torch.dtype) -> None:
     assert not xs.requires_grad
     # samples are the inverse of standard-normal draws
     s = torch.randn(7, 3, generator=torch.Generator().manual_seed(3), dtype=dtype)
-    assert torch.allclose(model(xs), s, atol=1e-4 if dtype == torch.float32 else 1e-10)
+    assert torch.allclose(model(xs)[0], s, atol=1e-4 if dtype == torch.float32 else 1e-10)
 
 
 def test_float32_model_outputs_float32() -> None:
     model = random_flow(4, 2, dtype=torch.float32)
     x = data(3, 4)  # float64 input is cast to the model's dtype
-    assert model(x).dtype == torch.float32 and model.log_likelihood(x).dtype == torch.float32
+    assert model(x)[0].dtype == torch.float32 and model.log_likelihood(x).dtype == torch.float32
     ll64 = random_flow(4, 2).log_likelihood(x)
     assert torch.allclose(model.log_likelihood(x).double(), ll64, rtol=1e-5)
 

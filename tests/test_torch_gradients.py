@@ -215,23 +215,24 @@ def test_relative_step_flops_are_tight(n_layers: int) -> None:
 
 
 def test_relative_linear_splits_into_data_and_logdet_parts() -> None:
-    """RelativeLinear's two outputs: Y alone gives the data part Delta^T (Y W), the stand-in alone gives -(W, b),
-    and a coefficient c on the stand-in scales only the log-det part."""
-    from relgrad.torch.gradients import RelativeLinear
+    """RelativeAffine's two outputs: Y alone gives the data part Delta^T (Y W); the per-row stand-in r for
+    +log|det W|, entered as the loss term -mean(r), gives -(W, b); a coefficient c on it scales only that part."""
+    from relgrad.torch.functions import RelativeAffine
 
     g = torch.Generator().manual_seed(3)
     z = torch.randn(5, 4, generator=g, dtype=F64)
     w = torch.randn(4, 4, generator=g, dtype=F64).requires_grad_()
     b = torch.randn(4, generator=g, dtype=F64).requires_grad_()
-    y, r = RelativeLinear.apply(z, w, b, True)
+    y, r = RelativeAffine.apply(z, w, b, True)
+    assert r.shape == (5,) and torch.equal(r, torch.zeros(5, dtype=F64))
     delta = torch.randn(5, 4, generator=g, dtype=F64)
     data_w, data_b = torch.autograd.grad((y * delta).sum(), (w, b), retain_graph=True)
     yd = (z @ w.T + b).detach()
     assert torch.allclose(data_w, delta.T @ (yd @ w.detach()), rtol=1e-12, atol=1e-12)
     assert torch.allclose(data_b, delta.T @ (yd @ b.detach()) + delta.sum(0), rtol=1e-12, atol=1e-12)
-    det_w, det_b = torch.autograd.grad(r, (w, b), retain_graph=True)
-    assert torch.equal(det_w, -w.detach()) and torch.equal(det_b, -b.detach())
-    both_w, both_b = torch.autograd.grad((y * delta).sum() + 2.5 * r, (w, b))
+    det_w, det_b = torch.autograd.grad(-r.mean(), (w, b), retain_graph=True)
+    assert torch.allclose(det_w, -w.detach(), rtol=1e-15, atol=0) and torch.allclose(det_b, -b.detach(), rtol=1e-15, atol=0)
+    both_w, both_b = torch.autograd.grad((y * delta).sum() - 2.5 * r.mean(), (w, b))
     assert torch.allclose(both_w, data_w - 2.5 * w.detach(), rtol=1e-12, atol=1e-12)
     assert torch.allclose(both_b, data_b - 2.5 * b.detach(), rtol=1e-12, atol=1e-12)
 

@@ -58,8 +58,7 @@ def _nothing() -> None:
 def _torch_step(method: str, n_layers: int, batch: int, dim: int, device: str, dtype: str, seed: int) -> Step:
     import torch
 
-    from ..torch import DenseFlow
-    from ..torch.gradients import _data_loss, _plain_layer, _training_loss
+    from ..torch import DenseFlow, data_loss, training_loss
     from ..torch.train import make_adam
     from .lu import LUDenseFlow
 
@@ -87,9 +86,9 @@ def _torch_step(method: str, n_layers: int, batch: int, dim: int, device: str, d
 
     opt = make_adam(model.parameters(), lr=BENCH_LR)
     if method == "plain":
-        loss_fn = lambda: _data_loss(model, x, _plain_layer(model))  # noqa: E731
+        loss_fn = lambda: data_loss(model, x)  # noqa: E731
     else:
-        loss_fn = lambda: _training_loss(model, x, method)  # noqa: E731
+        loss_fn = lambda: training_loss(model, x, method, check=False)  # noqa: E731
 
     def grad() -> None:
         opt.zero_grad(set_to_none=True)

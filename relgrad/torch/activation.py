@@ -8,13 +8,11 @@ device of its input; all of them are differentiable by autograd.
 from __future__ import annotations
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from ..utils import check_alpha
 
 __all__ = [
     "DEFAULT_ALPHA", "sigma", "sigma_prime", "log_sigma_prime", "dlog_sigma_prime", "sigma_inverse",
-    "sigma_and_log_det",
 ]
 
 #: Slope of the negative half-line (the value the authors' PyTorch notebook used).
@@ -91,41 +89,3 @@ def sigma_inverse(v: torch.Tensor, alpha: float = DEFAULT_ALPHA, *, max_iter: in
             break
         u = u_new
     return u
-
-
-class _SigmaAndLogDet(torch.autograd.Function):
-    """``(sigma(y), sum_i log sigma'(y_i))`` in one pass, with a hand-written backward (see sigma_and_log_det)."""
-
-    @staticmethod
-    def forward(ctx, y: torch.Tensor, alpha: float):  # type: ignore[override]
-        a = alpha
-        slope = torch.sigmoid(y).mul_(1.0 - a).add_(a)  # sigma'(y)
-        z = _softplus(y).mul_(1.0 - a).add_(y, alpha=a)
-        ctx.save_for_backward(y, slope)
-        ctx.alpha = a
-        ctx.set_materialize_grads(False)
-        return z, torch.log(slope).sum(dim=-1)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_z, grad_logdet):  # type: ignore[override]
-        y, slope = ctx.saved_tensors
-        grad = grad_z * slope if grad_z is not None else torch.zeros_like(y)
-        if grad_logdet is not None:
-            # d/dy log sigma'(y) = (1-alpha) sigmoid(y) sigmoid(-y) / sigma'(y)  (stable for large |y|)
-            dlog = torch.sigmoid(y).mul_(torch.sigmoid(-y)).mul_(1.0 - ctx.alpha).div_(slope)
-            grad.addcmul_(dlog, grad_logdet.unsqueeze(-1))
-        return grad, None
-
-
-def sigma_and_log_det(y: torch.Tensor, alpha: float = DEFAULT_ALPHA) -> "tuple[torch.Tensor, torch.Tensor]":
-    """The activation and its log-Jacobian together: ``(sigma(y), sum over the last axis of log sigma'(y))``.
-
-    The same values as :func:`sigma` and :func:`log_sigma_prime`, computed in one pass with a hand-written
-    backward (``sigma'`` and ``sigma''/sigma'``), which the training step uses: far fewer elementwise kernels
-    than autograd through both formulas.  First-order only (no double backward).
-
-    Shapes:
-        y: (..., D); returns (..., D) and (...).
-    """
-    return _SigmaAndLogDet.apply(y, check_alpha(alpha))
