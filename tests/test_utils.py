@@ -85,8 +85,10 @@ def test_cost_model_ratios() -> None:
 
 
 def test_results_dir_is_the_committed_folder_next_to_the_package() -> None:
+    from pathlib import Path
+
     import relgrad
 
     folder = utils.results_dir()
-    assert folder == utils.Path(relgrad.__file__).resolve().parent / "results"
+    assert folder == Path(relgrad.__file__).resolve().parent / "results"
     assert (folder / "README.md").is_file() and sorted(folder.glob("*.json"))  # the committed runs are there
