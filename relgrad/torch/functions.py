@@ -31,6 +31,12 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
+def _no_autocast(t: torch.Tensor) -> torch.autocast:
+    # A backward called inside an autocast region (e.g. a whole training loop under autocast) would
+    # otherwise run its products in half precision with mixed dtypes; this is what custom_bwd does.
+    return torch.autocast(device_type=t.device.type, enabled=False)
+
+
 def _param_precision(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     # autocast hands the backward bf16/fp16 tensors; the relative-gradient products run in the weight's dtype.
     return t if t.dtype == like.dtype else t.to(like.dtype)
@@ -72,6 +78,11 @@ class RelativeAffine(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, delta: torch.Tensor, c: torch.Tensor):  # type: ignore[override]
+        with _no_autocast(delta):
+            return RelativeAffine._grads(ctx, delta, c)
+
+    @staticmethod
+    def _grads(ctx: Any, delta: torch.Tensor, c: torch.Tensor):
         y, weight, bias = ctx.saved_tensors
         d = _rows(_param_precision(delta, weight))
         y2 = _rows(_param_precision(y, weight))
@@ -116,6 +127,11 @@ class AuthorsAffine(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, delta: torch.Tensor, c: torch.Tensor):  # type: ignore[override]
+        with _no_autocast(delta):
+            return AuthorsAffine._grads(ctx, delta, c)
+
+    @staticmethod
+    def _grads(ctx: Any, delta: torch.Tensor, c: torch.Tensor):
         z, weight, bias = ctx.saved_tensors
         d = _rows(_param_precision(delta, weight))
         z2 = _rows(_param_precision(z, weight))
@@ -152,6 +168,11 @@ class OrdinaryLogDet(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, c: torch.Tensor):  # type: ignore[override]
+        with _no_autocast(c):
+            return OrdinaryLogDet._grads(ctx, c)
+
+    @staticmethod
+    def _grads(ctx: Any, c: torch.Tensor):
         (weight,) = ctx.saved_tensors
         return c.sum().to(weight.dtype) * torch.linalg.inv(weight).mT, None
 
@@ -187,6 +208,11 @@ class SigmaAndLogDet(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_z: torch.Tensor, grad_logdet: torch.Tensor, _unused: Any):  # type: ignore[override]
+        with _no_autocast(grad_z):
+            return SigmaAndLogDet._grads(ctx, grad_z, grad_logdet, _unused)
+
+    @staticmethod
+    def _grads(ctx: Any, grad_z: torch.Tensor, grad_logdet: torch.Tensor, _unused: Any):
         y, slope = ctx.saved_tensors
         yf = y if y.dtype == slope.dtype else y.to(slope.dtype)
         # d/dy log sigma'(y) = (1-alpha) sigmoid(y) sigmoid(-y) / sigma'(y)  (stable for large |y|)

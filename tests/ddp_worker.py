@@ -1,0 +1,77 @@
+"""One rank of the DistributedDataParallel check (run by tests/test_torch_distributed.py through torchrun).
+
+Every rank builds the same float64 flow, wraps it in DDP (gloo, CPU), and takes 5 optimiser steps on its
+own shard of each global batch with ``relgrad.torch.training_loss(ddp_model, shard, method)``.  Rank 0 also
+trains an unwrapped copy on the concatenated global batches in one process.  The ranks' final parameters
+are gathered; rank 0 writes, per (method, optimiser): the largest difference between the ranks and the
+largest difference from the single-process run, to the JSON file named by argv[1].
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import relgrad.torch as rt
+
+DIM, LAYERS, GLOBAL_BATCH, STEPS = 5, 3, 8, 5
+
+
+def make_model() -> rt.DenseFlow:
+    model = rt.DenseFlow(DIM, LAYERS, generator=0, dtype=torch.float64)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # generic (non-orthogonal) weights and non-zero biases: every term matters
+        for w, b in zip(model.weights, model.biases):
+            w.add_(0.3 * torch.randn(DIM, DIM, generator=g, dtype=torch.float64))
+            b.copy_(0.5 * torch.randn(DIM, generator=g, dtype=torch.float64))
+    return model
+
+
+def make_opt(name: str, params) -> torch.optim.Optimizer:
+    return torch.optim.SGD(params, lr=0.05) if name == "sgd" else torch.optim.Adam(params, lr=0.01)
+
+
+def train(model, opt, batches, method: str) -> None:
+    for xb in batches:
+        opt.zero_grad(set_to_none=True)
+        rt.training_loss(model, xb, method).backward()
+        opt.step()
+
+
+def main(out: str) -> None:
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    g = torch.Generator().manual_seed(2)
+    batches = [1.3 * torch.randn(GLOBAL_BATCH, DIM, generator=g, dtype=torch.float64) for _ in range(STEPS)]
+    shard = GLOBAL_BATCH // world  # equal shards: the mean over ranks of per-rank means is the global mean
+    results = {}
+    for method in ("relative", "authors", "autodiff"):
+        for opt_name in ("sgd", "adam"):
+            model = make_model()
+            ddp = DDP(model)
+            train(ddp, make_opt(opt_name, ddp.parameters()), [b[rank * shard:(rank + 1) * shard] for b in batches], method)
+            flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+            gathered = [torch.empty_like(flat) for _ in range(world)]
+            dist.all_gather(gathered, flat)
+            if rank == 0:
+                single = make_model()
+                train(single, make_opt(opt_name, single.parameters()), batches, method)
+                ref = torch.cat([p.detach().reshape(-1) for p in single.parameters()])
+                start = torch.cat([p.detach().reshape(-1) for p in make_model().parameters()])
+                results[f"{method}/{opt_name}"] = {
+                    "between_ranks": max(float((t - gathered[0]).abs().max()) for t in gathered),
+                    "vs_single_process": max(float((t - ref).abs().max()) for t in gathered),
+                    "moved": float((ref - start).abs().max()),
+                }
+    if rank == 0:
+        with open(out, "w") as handle:
+            json.dump({"world_size": world, "results": results}, handle, indent=1)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
