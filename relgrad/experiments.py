@@ -15,7 +15,14 @@ exact validation log-likelihood, and evaluates the test set.  It writes
 
 ``--max-minutes`` caps the wall-clock time of training: the run stops cleanly (mid-epoch if need be),
 keeps the best parameters seen so far and still evaluates the test set; the JSON says it was cut.
-``--quick`` is a smoke test that finishes in seconds.
+``--checkpoint FILE`` writes a training checkpoint atomically after every epoch (the best parameters so far,
+readable by :func:`relgrad.torch.load_checkpoint`, plus everything needed to continue); ``--resume`` continues
+from it (default ``OUT`` with suffix ``.pt``), and a killed run resumed with the same command ends with the
+same CSV values (all but the seconds) as an uninterrupted one.  ``--quick`` is a smoke test that finishes
+in seconds.
+
+The training loop is :func:`relgrad.torch.fit` (one loop for the library, the book and this script); this
+module adds the data preparation, the CSV and JSON, and the test evaluation.
 
 The committed results of the book's runs live in ``relgrad/results/`` (see :func:`results_dir`).
 """
@@ -39,7 +46,7 @@ import numpy as np
 
 from .utils import cpu_name
 
-__all__ = ["build_parser", "main", "run", "results_dir", "load_result", "HISTORY_FIELDS"]
+__all__ = ["build_parser", "main", "run", "checkpoint_path", "results_dir", "load_result", "HISTORY_FIELDS"]
 
 #: Columns of the per-epoch CSV, in order.
 HISTORY_FIELDS = (
@@ -127,7 +134,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--samples", type=int, default=0, help="draw this many samples from the best model")
     r.add_argument("--samples-out", default=None,
                    help="where to save the samples (.npy of integer pixels, N x H x W; default OUT-stem_samples.npy)")
-    r.add_argument("--checkpoint", default=None, help="save the best model here (relgrad.torch.save_checkpoint)")
+    r.add_argument("--checkpoint", default=None,
+                   help="training checkpoint, written atomically after every epoch: the best model so far "
+                        "(relgrad.torch.load_checkpoint reads it) and the state needed by --resume")
+    r.add_argument("--resume", action="store_true",
+                   help="continue the run saved in --checkpoint (default: OUT with suffix .pt) if that file exists, "
+                        "else start it there; same settings (--epochs, --patience, --max-minutes may change)")
     r.add_argument("--quick", action="store_true",
                    help=f"smoke test: sizes {QUICK_SIZES}, 1 epoch, a few seconds (overrides sizes and epochs)")
     r.add_argument("--quiet", action="store_true", help="no per-epoch lines")
@@ -196,16 +208,21 @@ def _finite_or_none(v: float) -> Optional[float]:
 
 
 # ============================================================================================ the run
+def checkpoint_path(args: argparse.Namespace) -> Optional[Path]:
+    """The training checkpoint of a run: ``--checkpoint``, or with ``--resume`` alone ``OUT`` with suffix ``.pt``."""
+    if args.checkpoint:
+        return Path(args.checkpoint)
+    return Path(args.out).with_suffix(".pt") if args.resume else None
+
+
 def run(args: argparse.Namespace, *, command: str = "") -> Dict[str, Any]:
     """Train and evaluate as described by ``args`` (see :func:`build_parser`); write the CSV and JSON."""
     import torch
 
     from . import datasets
-    from .errors import TrainingDivergedError
-    from .torch import DenseFlow, save_checkpoint, training_loss
-    from .torch.train import make_adam, mean_log_likelihood
-    from .training import EarlyStopping, check_loss, minibatch_indices, validation_score
-    from .utils import progress, select_device
+    from .errors import SingularWeightError, TrainingDivergedError
+    from .torch import DenseFlow, fit
+    from .utils import select_device
 
     wall_start = time.perf_counter()
     started = _dt.datetime.now(_dt.timezone.utc)
@@ -219,6 +236,7 @@ def run(args: argparse.Namespace, *, command: str = "") -> Dict[str, Any]:
     out_csv = Path(args.out)
     out_json = out_csv.with_suffix(".json")
     out_csv.parent.mkdir(parents=True, exist_ok=True)
+    ckpt = checkpoint_path(args)
     say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, flush=True))
 
     # ---------------------------------------------------------------- data
@@ -245,72 +263,48 @@ def run(args: argparse.Namespace, *, command: str = "") -> Dict[str, Any]:
     def to_bpd(logit_nats: float) -> float:
         return -(logit_nats + val_shift) / (dim * math.log(2.0))
 
-    # ---------------------------------------------------------------- model and optimiser
+    # ---------------------------------------------------------------- training (relgrad.torch.fit)
     model = DenseFlow(dim, args.layers, alpha=args.alpha, generator=int(args.seed), device=device, dtype=dtype)
-    opt = make_adam(model.parameters(), lr=args.lr)
-    shuffle_rng = np.random.default_rng(seeds[1])
+    shuffle_seed = int(np.random.default_rng(seeds[1]).integers(2**62))
     cap = None if args.max_minutes is None else 60.0 * float(args.max_minutes)
     patience = None if args.patience in (None, 0) else int(args.patience)
-    stopper = EarlyStopping(patience)
-    history: List[Dict[str, Any]] = []
-    train_start = time.perf_counter()
+    resumed = bool(args.resume and ckpt is not None and ckpt.exists())
 
-    def record(epoch: int, steps: int, loss: float, partial: bool) -> None:
-        val = validation_score(lambda: mean_log_likelihood(model, x_val), epoch=epoch) + flow_to_logit
-        is_best = stopper.update(val, epoch)
-        if is_best:
-            best_state.clear()
-            best_state.update({k: v.detach().clone() for k, v in model.state_dict().items()})
-        row = {"epoch": epoch, "steps": steps, "seconds": time.perf_counter() - train_start,
-               "train_loss": loss, "val_logit_nats": val, "val_bpd": to_bpd(val),
-               "partial": int(partial), "best": int(is_best)}
-        history.append(row)
-        _write_history(out_csv, history)  # every epoch: a killed run keeps its curve
-        say(f"epoch {epoch:4d}{'*' if partial else ' '} steps {steps:7d}  {row['seconds']:8.1f} s  "
-            f"train loss {loss:10.3f}  val {val:10.3f} logit nats  {row['val_bpd']:.4f} bpd"
-            + ("  (best)" if is_best else ""))
+    def row_of(rec: Any) -> Dict[str, Any]:
+        val = rec.val_log_likelihood + flow_to_logit
+        return {"epoch": rec.epoch, "steps": rec.steps, "seconds": rec.seconds, "train_loss": rec.train_loss,
+                "val_logit_nats": val, "val_bpd": to_bpd(val), "partial": int(rec.partial), "best": int(rec.best)}
 
-    best_state: Dict[str, Any] = {}
-    record(0, 0, float("nan"), False)  # the initial model
-    stopped_by, steps, error = "epochs", 0, None
-    n_batches = math.ceil(x_train.shape[0] / args.batch_size)
-    try:
-        for epoch in range(1, epochs + 1):
-            total, seen, cut = 0.0, 0, False
-            batches = progress(minibatch_indices(x_train.shape[0], args.batch_size, shuffle_rng),
-                               total=n_batches, desc=f"epoch {epoch}", leave=False)
-            for idx in batches:
-                opt.zero_grad(set_to_none=True)
-                loss = training_loss(model, x_train[torch.as_tensor(idx, device=device)], args.method)
-                value = float(loss.detach())
-                steps += 1
-                check_loss(value, epoch=epoch, step=steps)
-                loss.backward()
-                opt.step()
-                total, seen = total + value * len(idx), seen + len(idx)
-                if cap is not None and time.perf_counter() - train_start > cap:
-                    cut = True
-                    break
-            record(epoch, steps, total / max(seen, 1), cut)
-            if cut:
-                stopped_by = "time_cap"
-                break
-            if stopper.should_stop:
-                stopped_by = "patience"
-                break
-    except TrainingDivergedError as err:
-        stopped_by, error = "diverged", str(err)
-        say(f"stopped: {err}")
-    train_seconds = time.perf_counter() - train_start
-    model.load_state_dict(best_state)  # the best epoch's parameters
-    if args.checkpoint:
-        save_checkpoint(model, args.checkpoint)
+    def on_epoch_end(rec: Any, hist: Any) -> None:
+        _write_history(out_csv, [row_of(r) for r in hist.records])  # every epoch: a killed run keeps its curve
+        row = row_of(rec)
+        say(f"epoch {rec.epoch:4d}{'*' if rec.partial else ' '} steps {rec.steps:7d}  {rec.seconds:8.1f} s  "
+            f"train loss {rec.train_loss:10.3f}  val {row['val_logit_nats']:10.3f} logit nats  {row['val_bpd']:.4f} bpd"
+            + ("  (best)" if rec.best else ""))
+
+    if resumed:
+        say(f"resuming from {ckpt}")
+    hist = fit(model, x_train, x_val, method=args.method, epochs=epochs, batch_size=args.batch_size, lr=args.lr,
+               patience=patience, generator=shuffle_seed, progress=False, batch_progress=None,
+               checkpoint_path=ckpt, resume=bool(args.resume), max_seconds=cap, evaluate_initial=True,
+               on_epoch_end=on_epoch_end, on_divergence="stop")
+    if hist.stopped_by == "diverged":
+        say(f"stopped: {hist.error}")
+    if not hist.records:  # diverged at the evaluation of the initial model (L7): still write the (empty) curve
+        _write_history(out_csv, [])
+    # the model now holds the best epoch's parameters (fit restored them), and the checkpoint file has them too
+    best_val = hist.best_val_log_likelihood + flow_to_logit
 
     # ---------------------------------------------------------------- test evaluation
-    test_ll = _per_sample_log_likelihood(model, x_test) + flow_to_logit
+    try:
+        test_ll = _per_sample_log_likelihood(model, x_test) + flow_to_logit
+    except (SingularWeightError, TrainingDivergedError, torch.linalg.LinAlgError) as err:
+        # only reachable when even the initial model could not be evaluated; the JSON says so
+        say(f"test evaluation failed: {err}")
+        test_ll = np.full(x_test.shape[0], np.nan)
     test = datasets.image_likelihood_summary(test_ll, logit_test, lam=lam, levels=levels)
     samples_path = None
-    if args.samples > 0:
+    if args.samples > 0 and hist.records:
         gen = torch.Generator().manual_seed(int(np.random.default_rng(seeds[2]).integers(2**62)))
         s = model.sample(int(args.samples), generator=gen).double().cpu().numpy()
         if whitener is not None:
@@ -320,7 +314,7 @@ def run(args: argparse.Namespace, *, command: str = "") -> Dict[str, Any]:
         np.save(samples_path, pixels.reshape(-1, *info["image_shape"]).astype(np.uint8))
 
     # ---------------------------------------------------------------- write
-    full_epochs = sum(1 for r in history[1:] if not r["partial"])
+    full_epochs = sum(1 for r in hist.records if not r.partial and not r.initial)
     summary: Dict[str, Any] = {
         "command": command,
         "dataset": args.dataset,
@@ -340,16 +334,18 @@ def run(args: argparse.Namespace, *, command: str = "") -> Dict[str, Any]:
         "date": started.strftime("%Y-%m-%d"),
         "started_utc": started.strftime("%Y-%m-%dT%H:%M:%SZ"),
         "wall_seconds": round(time.perf_counter() - wall_start, 1),
-        "train_seconds": round(train_seconds, 1),
-        "steps": steps,
-        "stopped_by": stopped_by,
-        "cut_by_time_cap": stopped_by == "time_cap",
+        "train_seconds": round(hist.seconds, 1),
+        "steps": hist.steps,
+        "stopped_by": hist.stopped_by,
+        "cut_by_time_cap": hist.stopped_by == "time_cap",
         "epochs_completed": full_epochs,
-        "partial_last_epoch": bool(history[-1]["partial"]),
-        "error": error,
-        "best_epoch": stopper.best_epoch,
-        "best_val_logit_nats": stopper.best,
-        "best_val_bpd": to_bpd(stopper.best),
+        "partial_last_epoch": bool(hist.records and hist.records[-1].partial),
+        "error": hist.error,
+        "best_epoch": hist.best_epoch,
+        "best_val_logit_nats": _finite_or_none(best_val),
+        "best_val_bpd": _finite_or_none(to_bpd(best_val)),
+        "checkpoint": str(ckpt) if ckpt is not None else None,
+        "resumed_at_epoch": hist.resumed_at_epoch,
         "test": {
             "logit_nats": test["logit_nats"], "logit_nats_2se": _finite_or_none(test["logit_nats_2se"]),
             "pixel_nats": test["pixel_nats"], "pixel_nats_2se": _finite_or_none(test["pixel_nats_2se"]),
@@ -368,7 +364,7 @@ def run(args: argparse.Namespace, *, command: str = "") -> Dict[str, Any]:
     }
     out_json.write_text(json.dumps(summary, indent=2) + "\n")
     say(f"test: {test['logit_nats']:.2f} +- {test['logit_nats_2se']:.2f} logit-space nats, "
-        f"{test['bpd']:.4f} +- {test['bpd_2se']:.4f} bits/dim  ({stopped_by}; {full_epochs} full epochs)")
+        f"{test['bpd']:.4f} +- {test['bpd_2se']:.4f} bits/dim  ({hist.stopped_by}; {full_epochs} full epochs)")
     say(f"wrote {out_csv} and {out_json}")
     return summary
 

@@ -1,30 +1,47 @@
-"""Training loop and checkpoints for :class:`relgrad.torch.DenseFlow`.
+"""Training loop, training checkpoints and resuming for :class:`relgrad.torch.DenseFlow`.
 
-The bookkeeping (minibatches, early stopping, divergence, history) is shared with the NumPy twin through
-:mod:`relgrad.training`; this module owns what touches tensors: the optimiser, the exact validation
+The epoch loop itself (early stopping, time budget, callbacks, history) is :func:`relgrad.training.run_epochs`,
+shared with the NumPy twin; this module owns what touches tensors: the optimiser steps, the exact validation
 log-likelihood and ``torch.save`` checkpoints.
+
+The steps never wait for the device.  The shuffle is one ``torch.randperm`` per epoch on the data's device;
+the loss and gradient norms of each step stay on the device and are read back every ``check_every`` steps and
+at the end of the epoch; a step whose loss or gradient is not finite is neutralised on the device before the
+optimiser can apply it (see :class:`_TorchEpochs`).
 """
 
 from __future__ import annotations
 
+import math
 import os
-from typing import Dict, Iterable, Optional, Tuple, Union
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, List, Optional, Union
 
 import numpy as np
 import torch
 
 from ..errors import CheckpointError
-from ..training import History, check_loss, minibatch_indices, run_epochs
+from ..training import (
+    GRAD_NORM_LIMIT, LOSS_LIMIT, EpochRecord, EpochResult, History, LoopState, atomic_write, check_step, run_epochs,
+)
+from ..utils import check_batch, check_finite
+from ..utils import progress as progress_bar
 from .flow import DenseFlow
-from .gradients import _training_loss, check_method
+from .gradients import check_method, training_loss
 
-__all__ = ["fit", "save_checkpoint", "load_checkpoint", "make_adam"]
+__all__ = [
+    "fit", "save_checkpoint", "load_checkpoint", "make_adam", "mean_log_likelihood", "CHECKPOINT_FORMAT",
+    "TRAINING_FORMAT",
+]
 
 PathLike = Union[str, "os.PathLike[str]"]
 RngLike = Union[torch.Generator, np.random.Generator, int, None]
+OptimizerFactory = Callable[[List[torch.nn.Parameter]], torch.optim.Optimizer]
 
 #: Version of the checkpoint dictionary layout written by :func:`save_checkpoint`.
 CHECKPOINT_FORMAT = 1
+#: Version of the ``"training"`` entry (the resumable state) that ``fit(checkpoint_path=...)`` adds.
+TRAINING_FORMAT = 1
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -33,6 +50,8 @@ def make_adam(params: Iterable[torch.nn.Parameter], lr: float = 1e-3) -> torch.o
 
     The fused kernel updates every parameter in one launch (CUDA) or one loop (CPU); torch rejects it at
     construction for unsupported devices/dtypes (or old versions), and then the default implementation is used.
+    The fused kernel also skips a step on the device when told that the gradients are not finite, which
+    :func:`fit` uses (no host synchronisation per step).
 
     Shapes:
         params: parameters of any shapes (all on one device, one dtype).
@@ -44,53 +63,387 @@ def make_adam(params: Iterable[torch.nn.Parameter], lr: float = 1e-3) -> torch.o
         return torch.optim.Adam(params, lr=lr)
 
 
-def _numpy_rng(generator: RngLike) -> np.random.Generator:
-    # minibatch_indices (shared with the NumPy twin) shuffles with a NumPy generator; derive one from the
-    # torch generator so a torch seed alone fixes the whole run.
-    if isinstance(generator, np.random.Generator):
-        return generator
-    if isinstance(generator, (int, np.integer)) and not isinstance(generator, bool):
-        return np.random.default_rng(int(generator))
-    if generator is None or isinstance(generator, torch.Generator):
+@torch.no_grad()
+def mean_log_likelihood(model: DenseFlow, x: torch.Tensor, batch_size: int = 4096) -> float:
+    """Exact mean log-likelihood (nats) of ``x``, in chunks so a large validation set fits in memory.
+
+    The per-sample values are summed in float64 on the device (a float32 sum of thousands of values of size
+    ~1e3 loses a few nats per chunk) and read back once.
+
+    Shapes:
+        x: (N, D); returns a float.
+    """
+    if x.shape[0] < 1:
+        raise ValueError("mean_log_likelihood needs at least one sample")
+    total = torch.zeros((), dtype=torch.float64, device=x.device)
+    for start in range(0, x.shape[0], batch_size):
+        total += model.log_likelihood(x[start : start + batch_size]).to(torch.float64).sum()
+    return float(total) / x.shape[0]
+
+
+def _prepare(model: DenseFlow, x: Any, name: str) -> torch.Tensor:
+    """Validate a whole data set once (shape, finiteness) and move it to the model's device and dtype.
+
+    Shapes:
+        x: (N, D); returns (N, D).
+    """
+    x = torch.as_tensor(x)
+    check_batch(tuple(x.shape), model.dim, name)
+    x = x.to(device=model.device, dtype=model.dtype)
+    check_finite(bool(torch.isfinite(x).all()), name)
+    return x
+
+
+def _shuffle_generator(generator: RngLike, device: torch.device) -> torch.Generator:
+    """A private torch.Generator on the data's device, seeded from ``generator``.
+
+    An int is the seed itself; a torch or NumPy generator (or None: torch's global generator) gives one draw,
+    so a single seed fixes the whole run and the caller's generator advances by one number.
+    """
+    if isinstance(generator, bool):
+        raise TypeError("generator must be a torch.Generator, np.random.Generator, int or None, got a bool")
+    if isinstance(generator, (int, np.integer)):
+        seed = int(generator)
+    elif isinstance(generator, np.random.Generator):
+        seed = int(generator.integers(0, 2**62))
+    elif generator is None or isinstance(generator, torch.Generator):
         dev = "cpu" if generator is None else generator.device
         seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=dev))
-        return np.random.default_rng(seed)
-    raise TypeError(f"generator must be a torch.Generator, np.random.Generator, int or None, got {type(generator).__name__}")
+    else:
+        raise TypeError(
+            f"generator must be a torch.Generator, np.random.Generator, int or None, got {type(generator).__name__}"
+        )
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def _caller_rng_state(generator: RngLike) -> Any:
+    """The state of the generator that seeded the shuffling (None for an int seed, which has no state)."""
+    if generator is None:
+        return torch.get_rng_state()
+    if isinstance(generator, torch.Generator):
+        return generator.get_state()
+    if isinstance(generator, np.random.Generator):
+        return generator.bit_generator.state  # a dict of str and int
+    return None
+
+
+def _set_caller_rng_state(generator: RngLike, state: Any, path: PathLike) -> None:
+    if state is None or isinstance(generator, (int, np.integer)):
+        return
+    try:
+        if generator is None:
+            torch.set_rng_state(state)
+        elif isinstance(generator, torch.Generator):
+            generator.set_state(state)
+        else:
+            generator.bit_generator.state = state
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise CheckpointError(
+            f"checkpoint {path}: the state of the generator passed as generator= cannot be restored ({err}); "
+            "resume with the same kind of generator (None, an int seed, a torch.Generator on the same device, or "
+            "a NumPy Generator with the same bit generator)"
+        ) from err
 
 
 def _snapshot(model: DenseFlow) -> Dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-@torch.no_grad()
-def mean_log_likelihood(model: DenseFlow, x: torch.Tensor, batch_size: int = 4096) -> float:
-    """Exact mean log-likelihood (nats) of ``x``, in chunks so a large validation set fits in memory.
+def _to_cpu(obj: Any) -> Any:
+    """A copy of a nest of dicts/lists/tuples with every tensor on the CPU (``torch.save`` keeps devices)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
+
+
+def _strip_module_prefix(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    # DistributedDataParallel / DataParallel save their wrapped module's keys as "module.<name>".
+    if state and all(k.startswith("module.") for k in state):
+        return {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
+# --------------------------------------------------------------------------------------------- one epoch
+class _TorchEpochs:
+    """One shuffled pass of optimiser steps per call, with no host-device synchronisation inside it.
+
+    Safety argument (why no NaN or inf ever reaches the parameters or the optimiser state):
+
+    * After ``backward`` each step stacks, on the device, its loss and the norm of every gradient into a row
+      ``v``, and folds ``ok = all(|v| <= limits)`` into a sticky device flag ``alive`` (1 until the first bad
+      step, then 0 for the rest of the window).  NaN fails every comparison, so NaN and inf are "not ok";
+      so are a loss beyond ``LOSS_LIMIT`` and a gradient norm beyond ``GRAD_NORM_LIMIT``.
+    * With fused Adam (and any optimiser that declares ``_step_supports_amp_scaling``), ``1 - alive`` is passed
+      as ``found_inf``, the flag ``torch.amp.GradScaler`` uses: the fused kernel then skips the whole update on
+      the device (parameters, both moments and the step count stay bit-identical).  With any other
+      optimiser the gradients are overwritten with zeros (``masked_fill_``, not a multiplication, which would
+      keep NaN) whenever ``alive`` is 0, so it only ever sees finite gradients below the limit, and its state
+      stays finite.
+    * Every ``check_every`` steps, at a time cut and at the end of the epoch, the rows are read back (one
+      synchronisation); the first bad row raises :class:`TrainingDivergedError` naming its epoch and step,
+      exactly as the synchronised check did, and :func:`run_epochs` restores the best parameters.
+
+    For a run without bad steps the arithmetic is that of the synchronised loop: the gradients reach the
+    optimiser unchanged, and the epoch loss is accumulated on the host in float64, in step order, from the
+    read-back losses (``total += loss * batch_size``), as before.
+
+    State for a resumed run (:meth:`state_dict`): the generator, its state at the start of the current epoch,
+    and the position inside the epoch with the partial loss sum (non-zero only after a time cut).
 
     Shapes:
-        x: (N, D); returns a float.
+        x: (N, D) on the model's device; each step uses ``batch_size`` rows (the last one may be shorter).
     """
-    logdet = model.logdet_weights().sum()  # once, not once per chunk
-    total = 0.0
-    for start in range(0, x.shape[0], batch_size):
-        tr = model._trace(x[start : start + batch_size])
-        total += float(model._terms_from_trace(tr, logdet).total().sum())
-    return total / x.shape[0]
+
+    def __init__(self, model: DenseFlow, opt: torch.optim.Optimizer, x: torch.Tensor, method: str, batch_size: int,
+                 generator: torch.Generator, *, check_every: int = 100, batch_progress: Optional[bool] = False) -> None:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        if isinstance(check_every, bool) or not isinstance(check_every, (int, np.integer)) or check_every < 1:
+            raise ValueError(f"check_every must be a positive int, got {check_every!r}")
+        self.model, self.opt, self.x, self.method = model, opt, x, method
+        self.batch_size, self.check_every, self.batch_progress = int(batch_size), int(check_every), batch_progress
+        self.generator = generator
+        self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.params = [p for _, p in self.named]
+        self.n_batches = math.ceil(x.shape[0] / self.batch_size)
+        dev, dt = x.device, model.dtype
+        self.limits = torch.tensor([LOSS_LIMIT] + [GRAD_NORM_LIMIT] * len(self.params), dtype=dt, device=dev)
+        self.limits_cpu = self.limits.cpu()
+        self.rows = torch.empty((self.n_batches, len(self.params) + 1), dtype=dt, device=dev)
+        self.alive = torch.ones((), dtype=torch.float32, device=dev)
+        self.found_inf = torch.zeros((), dtype=torch.float32, device=dev)
+        self.skip_on_device = bool(getattr(opt, "_step_supports_amp_scaling", False))
+        # position inside the current epoch (non-zero only after a time cut)
+        self.position, self.loss_sum, self.seen = 0, 0.0, 0
+        self.epoch_start_state: Optional[torch.Tensor] = None
+
+    # ------------------------------------------------------------------ state for resuming
+    def state_dict(self) -> Dict[str, Any]:
+        return {"generator": self.generator.get_state(), "device_type": self.generator.device.type,
+                "epoch_start_state": self.epoch_start_state, "position": self.position,
+                "loss_sum": self.loss_sum, "seen": self.seen, "n_train": int(self.x.shape[0]),
+                "batch_size": self.batch_size}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        if state["device_type"] != self.generator.device.type:
+            raise CheckpointError(
+                f"the checkpoint's shuffling generator ran on {state['device_type']} but the data are on "
+                f"{self.generator.device.type}: its state cannot be carried over; resume on a {state['device_type']} "
+                "device, or start a new run"
+            )
+        self.generator.set_state(state["generator"])
+        self.epoch_start_state = state["epoch_start_state"]
+        self.position, self.loss_sum, self.seen = int(state["position"]), float(state["loss_sum"]), int(state["seen"])
+
+    # ------------------------------------------------------------------ one epoch
+    def _grads(self) -> List[torch.Tensor]:
+        return [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+
+    def _check(self, lo: int, hi: int, epoch: int, step_before: int) -> None:
+        """Read rows ``lo:hi`` back (the one synchronisation), raise at the first bad one, else add the losses."""
+        if hi <= lo:
+            return
+        rows = self.rows[lo:hi].cpu()
+        ok = (rows.abs() <= self.limits_cpu).all(dim=1)  # the device's comparison, on the same values
+        if not bool(ok.all()):
+            j = int((~ok).nonzero()[0, 0])
+            values = rows[j].tolist()
+            check_step(values[0], values[1:], epoch=epoch, step=step_before + j + 1, names=[n for n, _ in self.named])
+            raise AssertionError("a row failed the device check but passed check_step")  # pragma: no cover
+        for k, loss in enumerate(rows[:, 0].tolist(), start=lo):
+            size = min(self.batch_size, self.x.shape[0] - k * self.batch_size)
+            self.loss_sum += loss * size  # float64, in step order: the synchronised loop's arithmetic
+            self.seen += size
+
+    def __call__(self, epoch: int, step: int, out_of_time: Callable[[], bool]) -> EpochResult:
+        n, bs = self.x.shape[0], self.batch_size
+        if self.position == 0:
+            self.epoch_start_state = self.generator.get_state()
+            self.loss_sum, self.seen = 0.0, 0
+        else:  # finishing an epoch cut by a time budget: draw the same permutation again
+            self.generator.set_state(self.epoch_start_state)
+        perm = torch.randperm(n, generator=self.generator, device=self.x.device)
+        start_batch = self.position
+        step_at_lo, lo = step, start_batch
+        self.alive.fill_(1.0)
+        batches = range(start_batch, self.n_batches)
+        if self.batch_progress is not False:
+            batches = progress_bar(batches, disable=None if self.batch_progress is None else not self.batch_progress,
+                                   desc=f"epoch {epoch}", leave=False)
+        cut = False
+        for i in batches:
+            xb = self.x.index_select(0, perm[i * bs : (i + 1) * bs])
+            self.opt.zero_grad(set_to_none=True)
+            loss = training_loss(self.model, xb, self.method, check=False)
+            loss.backward()
+            grads = self._grads()
+            row = torch.stack([loss.detach(), *torch._foreach_norm(grads)])
+            self.rows[i].copy_(row)
+            self.alive.mul_((row.abs() <= self.limits).all())
+            if self.skip_on_device:
+                torch.sub(1.0, self.alive, out=self.found_inf)
+                self.opt.found_inf, self.opt.grad_scale = self.found_inf, None  # GradScaler's protocol
+                try:
+                    self.opt.step()
+                finally:
+                    del self.opt.found_inf, self.opt.grad_scale
+            else:
+                dead = self.alive == 0
+                for g in grads:
+                    g.masked_fill_(dead, 0.0)
+                self.opt.step()
+            step += 1
+            last = i == self.n_batches - 1
+            cut = not last and out_of_time()
+            if last or cut or (i + 1 - lo) >= self.check_every:
+                self._check(lo, i + 1, epoch, step_at_lo)
+                lo, step_at_lo = i + 1, step
+            if cut:
+                break
+        if hasattr(batches, "close"):
+            batches.close()
+        if cut:
+            self.position = lo
+            return EpochResult(self.loss_sum / max(self.seen, 1), step, False)
+        self.position = 0
+        return EpochResult(self.loss_sum / n, step, True)
 
 
-def _epoch(model: DenseFlow, opt: torch.optim.Optimizer, x: torch.Tensor, method: str, batch_size: int,
-           rng: np.random.Generator, epoch: int, step: int) -> Tuple[float, int]:
-    """One pass over the shuffled training set; returns (sample-weighted mean loss, global step count)."""
-    total = 0.0
-    for idx in minibatch_indices(x.shape[0], batch_size, rng):
-        opt.zero_grad(set_to_none=True)
-        loss = _training_loss(model, x[torch.as_tensor(idx, device=x.device)], method)
-        value = float(loss.detach())
-        step += 1
-        check_loss(value, epoch=epoch, step=step)  # before stepping on a NaN gradient
-        loss.backward()
-        opt.step()
-        total += value * len(idx)
-    return total / x.shape[0], step
+# --------------------------------------------------------------------------------------------- checkpoints
+def _header(model: DenseFlow, best_state: Dict[str, torch.Tensor]) -> Dict[str, Any]:
+    return {
+        "format": "relgrad.torch.DenseFlow",
+        "version": CHECKPOINT_FORMAT,
+        "dim": model.dim,
+        "n_layers": model.n_layers,
+        "alpha": model.alpha,
+        "dtype": str(model.dtype).replace("torch.", ""),
+        "state_dict": _to_cpu(best_state),
+    }
+
+
+def _atomic_torch_save(obj: Any, path: PathLike) -> None:
+    atomic_write(path, lambda handle: torch.save(obj, handle))
+
+
+def save_checkpoint(model: DenseFlow, path: PathLike) -> None:
+    """Save parameters and the metadata needed to rebuild the model (``torch.save`` of plain tensors/dicts).
+
+    Written atomically (a temporary file in the same folder, then ``os.replace``): ``path`` holds either the
+    previous checkpoint or the complete new one, never a truncated file.
+
+    Shapes:
+        writes L weights (D, D) and L biases (D,), stored on the CPU.
+    """
+    _atomic_torch_save(_header(model, model.state_dict()), path)
+
+
+_WHAT_TO_DO = (
+    "It may be truncated or overwritten by another program (relgrad writes checkpoints atomically, so a crash "
+    "during a write leaves the previous checkpoint intact). Delete it (or restore a copy) and start again "
+    "without resume, or point to another checkpoint."
+)
+
+
+def _read_checkpoint(path: PathLike) -> dict:
+    try:
+        # weights_only=True: never unpickle arbitrary objects from a file.
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as err:  # torch raises several unpickling/zip error types for a malformed file
+        raise CheckpointError(f"{path} is not a readable relgrad checkpoint ({type(err).__name__}: {err}). "
+                              f"{_WHAT_TO_DO}") from err
+    keys = {"format", "version", "dim", "n_layers", "alpha", "dtype", "state_dict"}
+    if not isinstance(ckpt, dict) or not keys <= set(ckpt) or ckpt["format"] != "relgrad.torch.DenseFlow":
+        raise CheckpointError(f"{path} is not a relgrad.torch DenseFlow checkpoint (missing keys or another format)")
+    if ckpt["version"] != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} has checkpoint format {ckpt['version']}, expected {CHECKPOINT_FORMAT}")
+    ckpt["state_dict"] = _strip_module_prefix(ckpt["state_dict"])
+    return ckpt
+
+
+def _check_match(model: DenseFlow, ckpt: dict, path: PathLike) -> None:
+    for name in ("dim", "n_layers", "alpha"):
+        have, want = getattr(model, name), ckpt[name]
+        if have != want:
+            raise CheckpointError(f"checkpoint {path} has {name}={want!r} but the model has {name}={have!r}")
+
+
+def _load_state(model: DenseFlow, state: Dict[str, torch.Tensor], path: PathLike) -> None:
+    try:
+        model.load_state_dict(_strip_module_prefix(state))  # copies into the existing parameters: dtype/device kept
+    except RuntimeError as err:
+        raise CheckpointError(f"checkpoint {path} does not fit the model: {err}") from err
+
+
+def load_checkpoint(model: Optional[DenseFlow], path: PathLike, *,
+                    device: Optional[Union[str, torch.device]] = None) -> DenseFlow:
+    """Load a checkpoint into ``model`` (keeping its dtype and device), or build a new model if None.
+
+    Reads files of :func:`save_checkpoint` and the training checkpoints of ``fit(checkpoint_path=...)``
+    (which hold the best parameters so far).  A new model gets the checkpoint's dimension, layers, alpha and
+    dtype, on ``device`` (None: ``"auto"``, CUDA when available); it is built with a private generator and
+    then overwritten, so loading never advances torch's global RNG.  Keys saved from a
+    ``DistributedDataParallel`` wrapper (``"module."`` prefix) are accepted.  A model of another shape or
+    alpha raises CheckpointError naming the mismatch; an unreadable or truncated file raises CheckpointError
+    naming the file.
+
+    Shapes:
+        reads L weights (D, D) and L biases (D,).
+    """
+    ckpt = _read_checkpoint(path)
+    if model is None:
+        dtype = getattr(torch, str(ckpt["dtype"]), None)
+        if not isinstance(dtype, torch.dtype):
+            raise CheckpointError(f"checkpoint {path} has an unknown dtype {ckpt['dtype']!r}")
+        model = DenseFlow(int(ckpt["dim"]), int(ckpt["n_layers"]), alpha=float(ckpt["alpha"]), dtype=dtype,
+                          device=None if device is None else str(device), generator=0)
+    elif device is not None:
+        raise ValueError("device= applies when load_checkpoint builds the model (model=None); "
+                         "move an existing model with model.to(device)")
+    _check_match(model, ckpt, path)
+    _load_state(model, ckpt["state_dict"], path)
+    return model
+
+
+def _data_fingerprint(x: torch.Tensor) -> List[float]:
+    # Two float64 sums: enough to notice that a resumed run got other data (another seed, size or scaling).
+    x64 = x.to(torch.float64)
+    return [float(x64.sum()), float((x64 * x64).sum())]
+
+
+def _read_training(path: PathLike) -> dict:
+    ckpt = _read_checkpoint(path)
+    training = ckpt.get("training")
+    if not isinstance(training, dict):
+        raise CheckpointError(
+            f"{path} holds a model but no training state (written by save_checkpoint, not by fit); it cannot be "
+            "resumed. Load it with load_checkpoint, or start a new run with another checkpoint_path."
+        )
+    if training.get("version") != TRAINING_FORMAT:
+        raise CheckpointError(f"{path} has training-state format {training.get('version')!r}, expected {TRAINING_FORMAT}")
+    return ckpt
+
+
+def _check_settings(saved: Dict[str, Any], now: Dict[str, Any], path: PathLike) -> None:
+    for key, value in now.items():
+        if key == "data":
+            old = saved.get("data")
+            if old is None or not np.allclose(old, value, rtol=1e-6, atol=1e-9):
+                raise CheckpointError(
+                    f"checkpoint {path} was written for other training data (sum, sum of squares {old} vs {value}); "
+                    "resume with the same x_train, or start a new run"
+                )
+        elif saved.get(key) != value:
+            raise CheckpointError(
+                f"checkpoint {path} was written by a run with {key}={saved.get(key)!r}, this run has {key}={value!r}; "
+                "resume with the same settings (epochs, patience and max_seconds may change), or start a new run"
+            )
 
 
 # --------------------------------------------------------------------------------------------- fit
@@ -107,104 +460,108 @@ def fit(
     generator: RngLike = None,
     progress: Optional[bool] = None,
     checkpoint_path: Optional[PathLike] = None,
+    resume: bool = False,
     log_every: int = 0,
+    max_seconds: Optional[float] = None,
+    evaluate_initial: bool = False,
+    on_epoch_end: Optional[Callable[[EpochRecord, History], None]] = None,
+    on_divergence: str = "raise",
+    optimizer: Optional[OptimizerFactory] = None,
+    check_every: int = 100,
+    batch_progress: Optional[bool] = False,
 ) -> History:
     """Maximum-likelihood training with Adam and the chosen gradient, early stopping on the exact val LL.
 
-    Each epoch shuffles the training set into minibatches, takes one Adam step per minibatch on
-    :func:`relgrad.torch.training_loss` (divergence -> TrainingDivergedError), then evaluates the exact mean
-    validation log-likelihood.  The best parameters are kept (and saved to ``checkpoint_path`` if given)
-    and restored into ``model`` at the end; ``patience=None`` never stops early.  ``progress``: True/False
-    shows/hides the bar, None honours ``TQDM_DISABLE``.  ``log_every > 0`` prints a line every that many
-    epochs.  Epochs are numbered from 0.  ``generator`` (torch or NumPy generator, or int seed; None uses
-    torch's global generator) drives the shuffling.
+    Each epoch shuffles the training set on its device (``torch.randperm``), takes one optimiser step per
+    minibatch on :func:`relgrad.torch.training_loss`, then evaluates the exact mean validation
+    log-likelihood.  The best parameters are kept and restored into ``model`` at the end; ``patience=None``
+    never stops early.  No step waits for the device: losses are checked every ``check_every`` steps and at
+    the end of each epoch, and a non-finite (or exploding) loss or gradient is never applied; it raises
+    :class:`~relgrad.errors.TrainingDivergedError` naming its epoch and step, after the best parameters are
+    restored (``on_divergence="stop"`` returns the history with ``stopped_by="diverged"`` instead).
+
+    Options (the loop is :func:`relgrad.training.run_epochs`):
+
+    * ``generator``: torch or NumPy generator, or int seed (None: torch's global generator) for the shuffling.
+    * ``checkpoint_path``: a training checkpoint written atomically after every epoch: the best parameters so
+      far (so :func:`load_checkpoint` reads it as a model), plus the current parameters, the optimiser state,
+      the shuffling generator, early stopping and the history.  ``resume=True`` continues from it (a missing
+      file starts a new run, so one command serves the first run and every restart); a run resumed after a
+      kill ends bit-identical to an uninterrupted one (same device).  Method, batch size, training data and
+      ``evaluate_initial`` must match; ``epochs``, ``patience`` and ``max_seconds`` may change.
+    * ``max_seconds``: wall-clock budget; may stop mid-epoch (that epoch is evaluated, marked partial).
+    * ``evaluate_initial``: evaluate the untrained model as epoch 0 (training epochs are then 1..epochs).
+    * ``on_epoch_end(record, history)``: called after each evaluated epoch (an :class:`EpochRecord`).
+    * ``optimizer``: a function ``params -> torch.optim.Optimizer`` (default: :func:`make_adam` with ``lr``).
+    * ``progress``: True/False shows/hides the epoch bar, None honours ``TQDM_DISABLE``; ``batch_progress``
+      the same for a bar per epoch over its minibatches (default off); ``log_every > 0`` prints a line every
+      that many epochs.  Epochs are numbered from 0.
 
     Shapes:
         x_train: (N, D), x_val: (N_val, D); returns a relgrad.training.History.
     """
     check_method(method)
-    x_train = model._batch(x_train, "x_train")  # validated once: the per-step loss skips the checks
-    x_val = model._batch(x_val, "x_val")
-    rng, opt = _numpy_rng(generator), make_adam(model.parameters(), lr=lr)
+    if resume and checkpoint_path is None:
+        raise ValueError("resume=True needs checkpoint_path (the training checkpoint to continue from)")
+    x_train = _prepare(model, x_train, "x_train")  # validated once: the per-step loss skips the checks
+    x_val = _prepare(model, x_val, "x_val")
+    params = list(model.parameters())
+    opt = make_adam(params, lr=lr) if optimizer is None else optimizer(params)
+    runner = _TorchEpochs(model, opt, x_train, method, batch_size, _shuffle_generator(generator, x_train.device),
+                          check_every=check_every, batch_progress=batch_progress)
+    caller_rng = _caller_rng_state(generator)  # after the one draw that seeded the shuffling
+    settings = {"method": method, "batch_size": int(batch_size), "n_train": int(x_train.shape[0]),
+                "evaluate_initial": bool(evaluate_initial), "optimizer": type(opt).__name__}
+    data = _data_fingerprint(x_train) if checkpoint_path is not None else None
+
+    loop_state: Optional[LoopState] = None
+    if resume and Path(checkpoint_path).exists():
+        ckpt = _read_training(checkpoint_path)
+        tr = ckpt["training"]
+        _check_match(model, ckpt, checkpoint_path)
+        _check_settings(tr["settings"], {**settings, "data": data}, checkpoint_path)
+        _load_state(model, tr["model"], checkpoint_path)
+        try:
+            opt.load_state_dict(tr["optimizer"])
+        except (ValueError, KeyError, RuntimeError) as err:
+            raise CheckpointError(f"checkpoint {checkpoint_path}: the optimiser state does not fit: {err}") from err
+        runner.load_state_dict(tr["runner"])
+        # The caller's generator (or torch's global one) seeded the shuffling with one draw at the start of the
+        # original run; put it back where that run left it, so that code after fit sees the same random
+        # stream as after an uninterrupted run.
+        _set_caller_rng_state(generator, tr.get("caller_rng"), checkpoint_path)
+        loop = tr["loop"]
+        best = loop["best"] if loop["best"] is not None else ckpt["state_dict"]
+        best = {k: v.to(device=model.device) for k, v in _strip_module_prefix(best).items()}
+        loop_state = LoopState.from_dict(loop, best=best)
+
+    def save_state(state: LoopState, best: Dict[str, torch.Tensor]) -> None:
+        training = {
+            "version": TRAINING_FORMAT,
+            "settings": {**settings, "data": data},
+            "model": _to_cpu(model.state_dict()),
+            "optimizer": _to_cpu(opt.state_dict()),
+            "runner": _to_cpu(runner.state_dict()),
+            "caller_rng": caller_rng,
+            # the loop's best differs from the file's best only in a checkpoint written at a time cut
+            "loop": state.to_dict(best=None if state.best is best else _to_cpu(state.best)),
+        }
+        _atomic_torch_save({**_header(model, best), "training": training}, checkpoint_path)
+
     return run_epochs(
         method=method,
         epochs=epochs,
         patience=patience,
-        train_epoch=lambda epoch, step: _epoch(model, opt, x_train, method, batch_size, rng, epoch, step),
+        train_epoch=runner,
         evaluate=lambda: mean_log_likelihood(model, x_val),
         snapshot=lambda: _snapshot(model),
         restore=model.load_state_dict,
-        on_best=None if checkpoint_path is None else lambda: save_checkpoint(model, checkpoint_path),
+        on_epoch_end=on_epoch_end,
+        save_state=None if checkpoint_path is None else save_state,
+        resume=loop_state,
+        max_seconds=max_seconds,
+        evaluate_initial=evaluate_initial,
+        on_divergence=on_divergence,
         progress=progress,
         log_every=log_every,
     )
-
-
-
-# --------------------------------------------------------------------------------------------- checkpoints
-def save_checkpoint(model: DenseFlow, path: PathLike) -> None:
-    """Save parameters and the metadata needed to rebuild the model (``torch.save`` of plain tensors/dicts).
-
-    Shapes:
-        writes L weights (D, D) and L biases (D,), stored on the CPU.
-    """
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    torch.save(
-        {
-            "format": "relgrad.torch.DenseFlow",
-            "version": CHECKPOINT_FORMAT,
-            "dim": model.dim,
-            "n_layers": model.n_layers,
-            "alpha": model.alpha,
-            "dtype": str(model.dtype).replace("torch.", ""),
-            "state_dict": state,
-        },
-        path,
-    )
-
-
-def _read_checkpoint(path: PathLike) -> dict:
-    try:
-        # weights_only=True: never unpickle arbitrary objects from a file.
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise
-    except Exception as err:  # torch raises several unpickling error types for a malformed file
-        raise CheckpointError(f"{path} is not a readable relgrad checkpoint: {err}") from err
-    keys = {"format", "version", "dim", "n_layers", "alpha", "dtype", "state_dict"}
-    if not isinstance(ckpt, dict) or not keys <= set(ckpt) or ckpt["format"] != "relgrad.torch.DenseFlow":
-        raise CheckpointError(f"{path} is not a relgrad.torch DenseFlow checkpoint")
-    if ckpt["version"] != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path} has checkpoint format {ckpt['version']}, expected {CHECKPOINT_FORMAT}")
-    return ckpt
-
-
-def _check_match(model: DenseFlow, ckpt: dict, path: PathLike) -> None:
-    for name in ("dim", "n_layers", "alpha"):
-        have, want = getattr(model, name), ckpt[name]
-        if have != want:
-            raise CheckpointError(f"checkpoint {path} has {name}={want!r} but the model has {name}={have!r}")
-
-
-def load_checkpoint(model: Optional[DenseFlow], path: PathLike) -> DenseFlow:
-    """Load a checkpoint into ``model`` (keeping its dtype and device), or build a new model if None.
-
-    A new model gets the checkpoint's dimension, layers, alpha and dtype, on the default device
-    (``"auto"``: CUDA when available).  A model of another shape or alpha raises CheckpointError naming
-    the mismatch.
-
-    Shapes:
-        reads L weights (D, D) and L biases (D,).
-    """
-    ckpt = _read_checkpoint(path)
-    if model is None:
-        dtype = getattr(torch, str(ckpt["dtype"]), None)
-        if not isinstance(dtype, torch.dtype):
-            raise CheckpointError(f"checkpoint {path} has an unknown dtype {ckpt['dtype']!r}")
-        model = DenseFlow(int(ckpt["dim"]), int(ckpt["n_layers"]), alpha=float(ckpt["alpha"]), dtype=dtype)
-    _check_match(model, ckpt, path)
-    try:
-        model.load_state_dict(ckpt["state_dict"])  # copies into the existing parameters: dtype/device kept
-    except RuntimeError as err:
-        raise CheckpointError(f"checkpoint {path} does not fit the model: {err}") from err
-    return model
