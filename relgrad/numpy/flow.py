@@ -121,8 +121,10 @@ class DenseFlow:
         return f"DenseFlow(dim={self.dim}, n_layers={self.n_layers}, alpha={self.alpha}, dtype={self.dtype})"
 
     def parameters(self) -> List[np.ndarray]:
-        """The parameter arrays themselves (not copies), in the order of ``nn.Module.parameters()`` of the torch
-        twin: all weights, then all biases.
+        """The parameter arrays themselves (not copies): all weights, then all biases.
+
+        (The torch twin's ``parameters()`` goes layer by layer, ``W_1, b_1, W_2, ...``, as its layers are
+        modules: copy between the twins by ``weights[k]`` / ``biases[k]``, not by position.)
 
         Shapes:
             returns L arrays ``(D, D)`` followed by L arrays ``(D,)``.
