@@ -115,3 +115,119 @@ def test_benchmark_runs_every_torch_method_on_cuda(tmp_path) -> None:
     rows = read_csv(out)
     assert {r["method"] for r in rows} == {"plain", "relative", "authors", "ordinary", "autodiff", "lu", "gemm"}
     assert all(r["device"] == "cuda" and r["gpu"] for r in rows)
+
+
+# --------------------------------------------------------------------------------------------- library on CUDA
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_autocast_on_gpu_close_to_float32(dtype: torch.dtype) -> None:
+    model = flow(64, 3, "cuda", torch.float32)
+    x = data(128, 64).float().cuda()
+    for method in ("relative", "authors"):
+        ref = rt.gradients(model, x, method)
+        model.zero_grad()
+        with torch.autocast("cuda", dtype=dtype):
+            loss = rt.training_loss(model, x, method, check=False)
+        loss.backward()
+        for (gw, gb), w, b in zip(ref, model.weights, model.biases):
+            assert w.grad.dtype == torch.float32
+            assert rel(w.grad, gw) < 3e-2 and rel(b.grad, gb) < 3e-2, (method, dtype, rel(w.grad, gw))
+
+
+def test_tf32_noise_floor_is_bounded() -> None:
+    """With TF32 matmuls (10-bit mantissa) the float32 relative gradient stays within 1e-2 of float64."""
+    model64, model32 = flow(256, 2, "cuda"), flow(256, 2, "cuda", torch.float32)
+    x = data(64, 256).cuda()
+    want = rt.gradients(model64, x, "relative")
+    old = torch.backends.cuda.matmul.allow_tf32
+    try:
+        for tf32 in (False, True):
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+            got = rt.gradients(model32, x.float(), "relative")
+            worst = max(rel(gw, ww) for (gw, _), (ww, _) in zip(got, want))
+            print(f"TF32={tf32}: worst relative error {worst:.1e}")
+            assert worst < (1e-2 if tf32 else 1e-4)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compiled_relative_step_on_gpu(backend: str) -> None:
+    model = flow(32, 3, "cuda", torch.float32)
+    x = data(64, 32).float().cuda()
+    eager = rt.gradients(model, x, "relative")
+    torch._dynamo.reset()
+    step = torch.compile(lambda m, xb: rt.training_loss(m, xb, "relative", check=False), fullgraph=True, backend=backend)
+    model.zero_grad()
+    step(model, x).backward()
+    for (gw, gb), w, b in zip(eager, model.weights, model.biases):
+        assert rel(w.grad, gw) < 1e-5 and rel(b.grad, gb) < 1e-5
+    torch._dynamo.reset()
+
+
+def test_fit_step_makes_no_host_synchronisation() -> None:
+    """One training step of the loop's kind (validated data, check=False, fused Adam) under
+    torch.cuda.set_sync_debug_mode("error"): any device-to-host sync raises."""
+    model = flow(16, 2, "cuda", torch.float32)
+    x = data(256, 16).float().cuda()
+    opt = make_adam(model.parameters(), lr=1e-3)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    rt.training_loss(model, x[:32], check=False).backward()  # warm-up outside the check (lazy CUDA init)
+    opt.step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        order = torch.randperm(x.shape[0], device="cuda", generator=gen)
+        running = torch.zeros((), device="cuda")
+        for start in range(0, 256, 32):
+            opt.zero_grad(set_to_none=True)
+            loss = rt.training_loss(model, x[order[start:start + 32]], check=False)
+            loss.backward()
+            opt.step()
+            running += loss.detach()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert torch.isfinite(running).item()
+
+
+def test_checkpoint_from_cpu_to_gpu_and_auto_device(tmp_path) -> None:
+    cpu = flow(5, 2, "cpu")
+    rt.save_checkpoint(cpu, tmp_path / "cpu.pt")
+    gpu = rt.load_checkpoint(flow(5, 2, "cuda", seed=9), tmp_path / "cpu.pt")
+    assert gpu.device.type == "cuda"
+    fresh = rt.load_checkpoint(None, tmp_path / "cpu.pt", device="cuda")
+    x = data(6, 5)
+    for m in (gpu, fresh):
+        assert m.device.type == "cuda" and rel(m.log_likelihood(x.cuda()), cpu.log_likelihood(x)) < 1e-12
+    assert rt.load_checkpoint(None, tmp_path / "cpu.pt", device="cpu").device.type == "cpu"
+
+
+def test_ddp_with_cuda_tensors_world_size_one() -> None:
+    """DDP (nccl, one rank) on the GPU: the wrapped step gives the unwrapped gradients."""
+    import os
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29533")
+    dist.init_process_group("nccl", rank=0, world_size=1)
+    try:
+        model = flow(8, 2, "cuda")
+        x = data(16, 8).cuda()
+        want = rt.gradients(model, x, "relative")
+        ddp = DDP(model, device_ids=[0])
+        rt.training_loss(ddp, x, "relative").backward()
+        for (gw, gb), w, b in zip(want, model.weights, model.biases):
+            assert rel(w.grad, gw) < 1e-12 and rel(b.grad, gb) < 1e-12
+    finally:
+        dist.destroy_process_group()
+
+
+def test_conv1x1_on_gpu_matches_cpu() -> None:
+    cpu = rt.RelativeConv1x1(4, generator=0, dtype=F64)
+    gpu = rt.RelativeConv1x1(4, generator=0, dtype=F64, device="cuda")
+    x = torch.randn(2, 4, 3, 3, dtype=F64, generator=torch.Generator().manual_seed(1))
+    for m, xx in ((cpu, x), (gpu, x.cuda())):
+        y, ld = m(xx)
+        (-(y.pow(2).sum() / 2) + ld.sum()).backward()
+    assert rel(gpu.weight.grad, cpu.weight.grad) < 1e-12
