@@ -130,3 +130,12 @@ def test_fit_trajectories_agree() -> None:
     assert ht.best_epoch == hn.best_epoch and ht.steps == hn.steps
     for a, b in zip(list(tm.weights) + list(tm.biases), nm.weights + nm.biases):
         assert rel_err(a, b) < 1e-10
+
+
+def test_log_sigma_prime_tail_agrees_in_float32() -> None:
+    """Both twins keep the tail -(1 - alpha) e^{-u} of log sigma'(u) for large u (float32 too)."""
+    u = np.array([5.0, 15.0, 30.0, 60.0])
+    want = np.log1p(-(0.7) / (1.0 + np.exp(u)))  # (1 - alpha) sigmoid(-u), alpha = 0.3
+    got = rt.log_sigma_prime(torch.tensor(u, dtype=torch.float32), 0.3).double().numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    np.testing.assert_allclose(rn.log_sigma_prime(u, 0.3), want, rtol=1e-13)

@@ -51,8 +51,11 @@ def log_sigma_prime(u: torch.Tensor, alpha: float = DEFAULT_ALPHA) -> torch.Tens
     Shapes:
         u: any shape; returns the same shape.
     """
-    # sigma' is bounded below by alpha > 0, so the plain log is safe (no log of a tiny number).
-    return torch.log(sigma_prime(u, alpha))
+    # As the NumPy twin: for u >= 0 sigma' rounds to 1 for large u, so log1p(sigma' - 1) keeps the tiny exact
+    # value -(1 - alpha) e^{-u}; for u < 0 sigma' is a sum of positive terms and its log is accurate.
+    # (The fused training kernel sigma_and_log_det uses the plain log: its error is below 1e-7 nats per unit.)
+    a = check_alpha(alpha)
+    return torch.where(u >= 0, torch.log1p(-(1.0 - a) * torch.sigmoid(-u)), torch.log(a + (1.0 - a) * torch.sigmoid(u)))
 
 
 def dlog_sigma_prime(u: torch.Tensor, alpha: float = DEFAULT_ALPHA) -> torch.Tensor:
