@@ -39,7 +39,8 @@ def test_progress_honours_tqdm_disable(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_select_device() -> None:
     assert utils.select_device("cpu") == "cpu"
-    assert utils.select_device(None) in {"cpu", "cuda"}
+    assert utils.select_device(None) == ("cuda" if utils.cuda_available() else "cpu")
+    assert utils.select_device("auto") == utils.select_device(None)
     with pytest.raises(DeviceError, match="unknown device"):
         utils.select_device("tpu")
     if not utils.cuda_available():
