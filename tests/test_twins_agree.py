@@ -139,3 +139,20 @@ def test_log_sigma_prime_tail_agrees_in_float32() -> None:
     got = rt.log_sigma_prime(torch.tensor(u, dtype=torch.float32), 0.3).double().numpy()
     np.testing.assert_allclose(got, want, rtol=1e-5)
     np.testing.assert_allclose(rn.log_sigma_prime(u, 0.3), want, rtol=1e-13)
+
+
+def test_same_argument_names_for_the_same_things() -> None:
+    """rng= in both twins (torch also takes its own spelling, generator=); sample(n or shape) and log_prob."""
+    import inspect
+
+    assert "rng" in inspect.signature(rt.DenseFlow).parameters and "rng" in inspect.signature(rn.DenseFlow).parameters
+    for name in ("sample", "log_prob", "log_likelihood", "inverse", "log_likelihood_terms", "logdet_weights", "trace"):
+        assert hasattr(rt.DenseFlow, name) and hasattr(rn.DenseFlow, name), name
+    assert list(inspect.signature(rt.DenseFlow.sample).parameters)[:3] == list(inspect.signature(rn.DenseFlow.sample).parameters)[:3]
+    tm, nm = twins(3, 2, seed=1)
+    xs_n = nm.sample((2, 4), rng=0)
+    assert xs_n.shape == (2, 4, 3) and tm.sample((2, 4), rng=0).shape == (2, 4, 3)
+    assert torch.equal(tm.sample(5, rng=3), tm.sample(5, generator=3))
+    with pytest.raises(TypeError, match="not both"):
+        rt.DenseFlow(3, rng=1, generator=1)
+    np.testing.assert_allclose(nm.log_prob(xs_n[0]), nm.log_likelihood(xs_n[0]))

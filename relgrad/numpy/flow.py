@@ -232,6 +232,14 @@ class DenseFlow:
         """
         return self.log_likelihood_terms(x).total()
 
+    def log_prob(self, x: ArrayLike) -> np.ndarray:
+        """``log p(x)`` per sample, exact (the ``torch.distributions`` name of :meth:`log_likelihood`).
+
+        Shapes:
+            x: ``(M, D)``; returns ``(M,)``.
+        """
+        return self.log_likelihood(x)
+
     # ------------------------------------------------------------------ inverse direction and sampling
     def inverse(self, s: ArrayLike) -> np.ndarray:
         """x = g^{-1}(s): undo each layer, from the last to the first (one D x D solve per layer).
@@ -247,13 +255,21 @@ class DenseFlow:
             y = sigma_inverse(z, self.alpha) if k > 0 else z
         return np.ascontiguousarray(y)
 
-    def sample(self, n: int, rng: "np.random.Generator | int | None" = None) -> np.ndarray:
-        """Draw n samples: standard normal s pushed through the inverse flow.
+    def sample(self, n: "int | tuple" = 1, rng: "np.random.Generator | int | None" = None) -> np.ndarray:
+        """Draw samples: standard normal s pushed through the inverse flow.
+
+        ``n``: an int (returns ``(n, D)``) or a ``sample_shape`` tuple (returns ``sample_shape + (D,)``), as
+        the torch twin.
 
         Shapes:
-            returns ``(n, D)`` in the model's dtype.
+            returns ``(n, D)`` (or ``sample_shape + (D,)``) in the model's dtype.
         """
-        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-            raise ValueError(f"n must be a positive int, got {n!r}")
-        s = as_generator(rng).standard_normal((int(n), self.dim)).astype(self.dtype, copy=False)
-        return self.inverse(s)
+        shape = (n,) if isinstance(n, (int, np.integer)) and not isinstance(n, bool) else n
+        try:
+            shape = tuple(int(k) for k in shape) if not isinstance(shape, bool) else ()
+        except TypeError:
+            shape = ()
+        if not shape or any(k < 1 for k in shape) or isinstance(n, bool):
+            raise ValueError(f"n must be a positive int (or a tuple of positive ints), got {n!r}")
+        s = as_generator(rng).standard_normal((int(np.prod(shape)), self.dim)).astype(self.dtype, copy=False)
+        return self.inverse(s).reshape(*shape, self.dim)

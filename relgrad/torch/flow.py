@@ -20,7 +20,8 @@ from torch.distributions import Distribution
 from ..errors import CheckpointError, ShapeError
 from ..utils import check_batch, check_finite, select_device
 from .activation import DEFAULT_ALPHA, log_sigma_prime, sigma
-from .nn import GeneratorLike, RelativeLinear, SmoothLeakyReLU, as_generator, check_parameter_dtype, check_rule
+from .nn import (GeneratorLike, RelativeLinear, SmoothLeakyReLU, as_generator, check_parameter_dtype, check_rule,
+                 pick_rng)
 
 __all__ = ["DenseFlow", "Trace", "LogLikelihoodTerms"]
 
@@ -81,7 +82,8 @@ class DenseFlow(nn.Module):
         dim: data dimension D.
         n_layers: number of affine layers L (the last one has no activation).
         alpha: negative slope of the smooth leaky ReLU, in (0, 1).
-        generator: torch.Generator, int seed, or None (torch's global generator) for the initialisation.
+        rng: torch.Generator, int seed, or None (torch's global generator) for the initialisation
+            (``generator=`` is accepted as an alias: the torch spelling; the NumPy twin says ``rng``).
         device: "cpu", "cuda", "cuda:N", "auto" or None (= "auto"); "cuda" without a GPU raises DeviceError.
         dtype: float32 (default) or float64; half precision goes through ``torch.autocast``, not here.
         rule: the gradient rule of every layer in training ("relative", "authors", "ordinary", "autodiff").
@@ -105,11 +107,12 @@ class DenseFlow(nn.Module):
         n_layers: int = 2,
         *,
         alpha: float = DEFAULT_ALPHA,
-        generator: GeneratorLike = None,
+        rng: GeneratorLike = None,
         device: Optional[Union[str, torch.device]] = None,
         dtype: torch.dtype = torch.float32,
         rule: str = "relative",
         base: Optional[Distribution] = None,
+        generator: GeneratorLike = None,
     ) -> None:
         super().__init__()
         for name, value in (("dim", dim), ("n_layers", n_layers)):
@@ -122,9 +125,9 @@ class DenseFlow(nn.Module):
         self.n_layers = int(n_layers)
         self.rule = check_rule(rule)
         dev = torch.device(select_device(None if device is None else str(device)))
-        gen = as_generator(generator)
+        gen = as_generator(pick_rng(rng, generator))
         self.layers = nn.ModuleList(
-            [RelativeLinear(self.dim, True, rule, generator=gen, device=dev, dtype=dtype) for _ in range(self.n_layers)]
+            [RelativeLinear(self.dim, True, rule, rng=gen, device=dev, dtype=dtype) for _ in range(self.n_layers)]
         )
         for k, layer in enumerate(self.layers):
             layer.where = f"layer {k + 1} of {self.n_layers}"
@@ -312,21 +315,22 @@ class DenseFlow(nn.Module):
         return shape
 
     @torch.no_grad()
-    def sample(self, n: Union[int, Sequence[int], torch.Size] = 1, generator: GeneratorLike = None) -> torch.Tensor:
+    def sample(self, n: Union[int, Sequence[int], torch.Size] = 1, rng: GeneratorLike = None, *,
+               generator: GeneratorLike = None) -> torch.Tensor:
         """Draw samples: the base distribution pushed through :meth:`inverse`.
 
         ``n``: an int (returns (n, D)) or a ``sample_shape`` tuple (returns sample_shape + (D,)).
-        ``generator``: torch.Generator or int seed (drawn on the CPU, so CPU and GPU give the same
-        samples), or None (torch's global generator on the model's device).
+        ``rng`` (alias ``generator``): torch.Generator or int seed (an int draws on the CPU, so CPU and
+        GPU give the same samples), or None (torch's global generator on the model's device).
 
         Shapes:
             returns (n, D) (or sample_shape + (D,)) with the model's dtype and device.
         """
         shape = self._shape(n)
-        s = self._base_draw(shape, generator, reparam=False).reshape(-1, self.dim)
+        s = self._base_draw(shape, pick_rng(rng, generator), reparam=False).reshape(-1, self.dim)
         return self.inverse(s).reshape(*shape, self.dim)
 
-    def rsample(self, sample_shape: Union[int, Sequence[int], torch.Size] = 1,
+    def rsample(self, sample_shape: Union[int, Sequence[int], torch.Size] = 1, rng: GeneratorLike = None, *,
                 generator: GeneratorLike = None) -> torch.Tensor:
         """Reparameterised samples: differentiable in the parameters (reverse-KL / variational training).
 
@@ -337,7 +341,7 @@ class DenseFlow(nn.Module):
             returns sample_shape + (D,).
         """
         shape = self._shape(sample_shape)
-        s = self._base_draw(shape, generator, reparam=True).reshape(-1, self.dim)
+        s = self._base_draw(shape, pick_rng(rng, generator), reparam=True).reshape(-1, self.dim)
         for layer in self.layers:
             layer.factorisation()  # the singularity check, with its clear error
         return self._inverse(s).reshape(*shape, self.dim)

@@ -41,7 +41,7 @@ from .functions import AuthorsAffine, OrdinaryLogDet, RelativeAffine, sigma_and_
 
 __all__ = [
     "RULES", "check_rule", "RelativeLinear", "SmoothLeakyReLU", "RelativeConv1x1", "random_orthogonal",
-    "as_generator", "PARAMETER_DTYPES",
+    "as_generator", "pick_rng", "PARAMETER_DTYPES",
 ]
 
 #: The gradient rules of :class:`RelativeLinear` (and of ``training_loss``'s ``method``).
@@ -72,6 +72,13 @@ def check_parameter_dtype(dtype: torch.dtype, what: str = "parameters") -> torch
                 if dtype in (torch.float16, torch.bfloat16) else "")
         raise TypeError(f"{what} must be float32 or float64, got {dtype}.{hint}")
     return dtype
+
+
+def pick_rng(rng: GeneratorLike, generator: GeneratorLike) -> GeneratorLike:
+    """``rng`` (the name both twins use) or ``generator`` (its torch spelling, accepted as an alias)."""
+    if rng is not None and generator is not None:
+        raise TypeError("pass the random source as rng= or as its alias generator=, not both")
+    return rng if rng is not None else generator
 
 
 def as_generator(generator: GeneratorLike) -> Optional[torch.Generator]:
@@ -196,7 +203,8 @@ class RelativeLinear(nn.Module):
         bias: learn a bias ``b`` (True) or not.
         rule: the gradient its log-determinant carries in training: "relative" (strict, default),
             "authors", "ordinary" or "autodiff" (see the module docstring).
-        generator: torch.Generator, int seed or None (torch's global generator) for the initialisation.
+        rng: torch.Generator, int seed or None (torch's global generator) for the initialisation
+            (``generator=`` is accepted as an alias: the torch spelling; the NumPy twin says ``rng``).
         device, dtype: of the parameters; float32 or float64 (use ``torch.autocast`` for half precision).
 
     Initialisation: a Haar-random orthogonal W (volume preserving) and ``b = 0``.
@@ -216,9 +224,10 @@ class RelativeLinear(nn.Module):
         bias: bool = True,
         rule: str = "relative",
         *,
-        generator: GeneratorLike = None,
+        rng: GeneratorLike = None,
         device: Optional[Union[str, torch.device]] = None,
         dtype: torch.dtype = torch.float32,
+        generator: GeneratorLike = None,
     ) -> None:
         super().__init__()
         if isinstance(features, bool) or not isinstance(features, (int, np.integer)) or features < 1:
@@ -227,7 +236,7 @@ class RelativeLinear(nn.Module):
         self.features = int(features)
         self.rule = check_rule(rule)
         dev = torch.device(select_device(None if device is None else str(device)))
-        self.weight = nn.Parameter(random_orthogonal(self.features, as_generator(generator), dtype).to(dev))
+        self.weight = nn.Parameter(random_orthogonal(self.features, as_generator(pick_rng(rng, generator)), dtype).to(dev))
         self.bias = nn.Parameter(torch.zeros(self.features, dtype=dtype, device=dev)) if bias else None
         self.where = "the weight"  # a container (DenseFlow) names the layer: "layer k of L"
         self._cache: Optional[Tuple[torch.Tensor, Factorisation]] = None  # (copy of W, its factorisation)
@@ -383,7 +392,7 @@ class RelativeConv1x1(nn.Module):
     Args:
         channels: C.
         bias: learn a per-channel bias (default False: Glow puts an ActNorm next to it).
-        rule, generator, device, dtype: as :class:`RelativeLinear`.
+        rule, rng (alias generator), device, dtype: as :class:`RelativeLinear`.
 
     Shapes:
         x: (N, C, H, W); returns y (N, C, H, W) and logabsdet (N,).  weight: (C, C), bias: (C,).
@@ -395,12 +404,13 @@ class RelativeConv1x1(nn.Module):
         bias: bool = False,
         rule: str = "relative",
         *,
-        generator: GeneratorLike = None,
+        rng: GeneratorLike = None,
         device: Optional[Union[str, torch.device]] = None,
         dtype: torch.dtype = torch.float32,
+        generator: GeneratorLike = None,
     ) -> None:
         super().__init__()
-        self.linear = RelativeLinear(channels, bias, rule, generator=generator, device=device, dtype=dtype)
+        self.linear = RelativeLinear(channels, bias, rule, rng=pick_rng(rng, generator), device=device, dtype=dtype)
 
     @property
     def weight(self) -> nn.Parameter:
