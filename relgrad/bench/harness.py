@@ -100,6 +100,39 @@ def _quartiles(values: Sequence[float]) -> Tuple[float, float, float]:
     return float(q1), float(med), float(q3)
 
 
+#: D x D matrices each method keeps alive per layer during the interleaved rounds: the parameter, its
+#: gradient and Adam's two moments (the LU baseline has two triangular factors; gemm only reads W).
+_MATRICES_PER_LAYER = {"plain": 4, "relative": 4, "authors": 4, "ordinary": 5, "autodiff": 5, "lu": 8, "gemm": 1}
+
+
+def memory_estimate(group: Group, pairs: Sequence[Tuple[str, str]]) -> float:
+    """Bytes of D x D state that timing ``pairs`` side by side keeps alive (all models at once).
+
+    Shapes:
+        none; returns a float (bytes).
+    """
+    itemsize = 8 if group.dtype == "float64" else 4
+    per_layer = sum(_MATRICES_PER_LAYER.get(method, 5) for _, method in pairs)
+    return float(per_layer * group.n_layers * group.dim**2 * itemsize)
+
+
+def _check_memory(group: Group, pairs: Sequence[Tuple[str, str]]) -> None:
+    # Every method's model and Adam state live through the rounds: refuse clearly instead of running out of
+    # device memory halfway through a sweep (e.g. D = 16384 with all seven methods needs ~45 GB in float32).
+    if not group.device.startswith("cuda"):
+        return
+    import torch
+
+    free, _ = torch.cuda.mem_get_info(torch.device(group.device))
+    need = memory_estimate(group, pairs)
+    if need > 0.8 * free:
+        raise MemoryError(
+            f"timing {len(pairs)} methods side by side at D={group.dim}, L={group.n_layers} needs about "
+            f"{need / 2**30:.1f} GiB of {group.device} memory, {free / 2**30:.1f} GiB are free: pass fewer "
+            "--methods (or a smaller --dims)"
+        )
+
+
 def measure_group(group: Group, pairs: Sequence[Tuple[str, str]], *, warmup: int = 3, repeats: int = 15,
                   min_repeats: int = 3, budget_s: float = 20.0, seed: int = 0,
                   log: Optional[Callable[[str], None]] = None) -> List[Dict[str, object]]:
@@ -109,6 +142,7 @@ def measure_group(group: Group, pairs: Sequence[Tuple[str, str]], *, warmup: int
     the rounds would take longer than ``budget_s`` seconds.  Returns one row per pair, with the columns of
     :data:`FIELDS` except the machine columns.
     """
+    _check_memory(group, pairs)
     steps: Dict[Tuple[str, str], Step] = {}
     for backend, method in pairs:
         steps[(backend, method)] = make_step(backend, method, group.n_layers, group.batch, group.dim,
