@@ -138,3 +138,48 @@ def test_committed_results_are_complete(path):
     assert math.isfinite(s["test"]["logit_nats"]) and math.isfinite(s["test"]["bpd"])
     assert s["epochs_completed"] == int(np.sum(h["partial"][1:] == 0))
     assert h["epoch"][0] == 0 and np.all(np.isfinite(h["val_logit_nats"]))
+
+
+def _rows(path: Path) -> list:
+    with open(path, newline="") as handle:
+        return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(handle)]
+
+
+def test_resume_continues_a_run_as_if_uninterrupted(tmp_path, monkeypatch):
+    """--resume: 1 epoch, then resumed to 3 epochs, gives the CSV of a straight 3-epoch run (all but seconds)
+    and the same test numbers; the checkpoint file is also the best model."""
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    common = ["--dataset", "digits", "--train-size", "200", "--val-size", "100", "--test-size", "100",
+              "--quiet", "--device", "cpu", "--threads", "1", "--batch-size", "20", "--lr", "1e-3"]
+    straight = experiments.main([*common, "--epochs", "3", "--out", str(tmp_path / "straight.csv")])
+    out = tmp_path / "resumed.csv"
+    first = experiments.main([*common, "--epochs", "1", "--out", str(out), "--resume"])
+    assert first["checkpoint"] == str(tmp_path / "resumed.pt") and first["resumed_at_epoch"] is None
+    assert len(_rows(out)) == 2
+    resumed = experiments.main([*common, "--epochs", "3", "--out", str(out), "--resume"])
+    assert resumed["resumed_at_epoch"] == 2
+    assert _rows(out) == _rows(tmp_path / "straight.csv") and len(_rows(out)) == 4
+    for key in ("steps", "stopped_by", "epochs_completed", "best_epoch", "best_val_logit_nats", "test"):
+        assert resumed[key] == straight[key], key
+    _check_outputs(out, dataset="digits", dim=64)
+    # the run improved on the initial model, so the equality is not that of untrained models
+    assert max(float(r["val_logit_nats"]) for r in _rows(out)[1:]) > float(_rows(out)[0]["val_logit_nats"])
+    from relgrad.torch import load_checkpoint
+
+    assert load_checkpoint(None, tmp_path / "resumed.pt", device="cpu").dim == 64
+
+
+def test_divergence_at_the_initial_evaluation_is_recorded(tmp_path, monkeypatch):
+    """L7: a failed evaluation of the untrained model is a recorded divergence, not an escaping exception."""
+    import relgrad.torch.train as T
+
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    monkeypatch.setattr(T, "mean_log_likelihood", lambda model, x: float("nan"))
+    out = tmp_path / "diverged.csv"
+    s = experiments.main(["--quick", "--dataset", "digits", "--out", str(out), "--quiet", "--device", "cpu"])
+    assert s["stopped_by"] == "diverged" and "epoch 0" in s["error"] and s["steps"] == 0
+    assert s["epochs_completed"] == 0 and not s["partial_last_epoch"] and s["best_epoch"] == -1
+    assert math.isfinite(s["test"]["logit_nats"])  # the initial model itself is fine: only its validation "failed"
+    assert json.loads(out.with_suffix(".json").read_text())["stopped_by"] == "diverged"
+    with open(out, newline="") as handle:
+        assert next(csv.reader(handle)) == list(experiments.HISTORY_FIELDS)

@@ -256,3 +256,42 @@ def test_malformed_checkpoints_raise(tmp_path: Path) -> None:
         load_checkpoint(None, corrupt)
     with pytest.raises(FileNotFoundError):
         load_checkpoint(None, tmp_path / "absent.npz")
+
+
+# ------------------------------------------------------------------------------------------- loop options
+def test_adam_state_dict_round_trip() -> None:
+    rng = np.random.default_rng(0)
+    p, q = rng.standard_normal(4), None
+    opt = Adam([p], lr=0.05)
+    for _ in range(3):
+        opt.step([rng.standard_normal(4)])
+    q = p.copy()
+    twin = Adam([q], lr=0.5)
+    twin.load_state_dict(opt.state_dict())
+    assert twin.t == 3 and twin.lr == 0.05
+    g = rng.standard_normal(4)
+    opt.step([g])
+    twin.step([g])
+    np.testing.assert_array_equal(p, q)
+    with pytest.raises(ValueError, match="parameters"):
+        Adam([p, q]).load_state_dict(opt.state_dict())
+
+
+def test_fit_callbacks_initial_evaluation_time_budget_and_recorded_divergence(data: tuple) -> None:
+    x_train, x_val = data
+    seen = []
+    model = DenseFlow(2, 2, rng=0)
+    start = model.log_likelihood(x_val).mean()
+    history = fit(model, x_train, x_val, epochs=2, batch_size=50, lr=1e-2, rng=1, progress=False,
+                  evaluate_initial=True, on_epoch_end=lambda rec, h: seen.append(rec))
+    assert [r.epoch for r in seen] == [0, 1, 2] and seen[0].initial and seen[0].val_log_likelihood == start
+    assert [r.steps for r in seen] == [0, 8, 16] and history.records == seen and history.stopped_by == "epochs"
+    capped = fit(DenseFlow(2, 2, rng=0), x_train, x_val, epochs=9, batch_size=50, rng=1, progress=False,
+                 max_seconds=1e-9)
+    assert capped.stopped_by == "time_cap" and capped.steps == 1 and capped.records[-1].partial
+    model = DenseFlow(2, 3, rng=0)
+    initial = [p.copy() for p in model.parameters()]
+    diverged = fit(model, x_train, x_val, epochs=5, lr=1e3, rng=0, progress=False, on_divergence="stop")
+    assert diverged.stopped_by == "diverged" and "diverged at epoch 0" in diverged.error
+    for p, q in zip(model.parameters(), initial):  # no epoch completed: the initial parameters are restored
+        np.testing.assert_array_equal(p, q)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from relgrad.errors import CheckpointError, NonFiniteError, ShapeError, TrainingDivergedError
+import relgrad.torch as rt
 from relgrad.torch import DenseFlow, fit, load_checkpoint, save_checkpoint
 from relgrad.torch.train import make_adam, mean_log_likelihood
 from relgrad.training import validation_score
@@ -116,6 +117,8 @@ def test_fit_validates_its_input(toy) -> None:
         fit(fresh(), xt, xv, method="newton", epochs=1, progress=False)
 
 
+@pytest.mark.skipif(tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 4),
+                    reason="fused Adam on the CPU needs torch >= 2.4 (make_adam falls back to the default)")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_adam_is_fused_on_cpu(dtype: torch.dtype) -> None:
     opt = make_adam(fresh(dtype).parameters(), lr=1e-3)
@@ -178,3 +181,168 @@ def test_malformed_checkpoint(tmp_path: Path) -> None:
         load_checkpoint(fresh(), tmp_path / "other.pt")
     with pytest.raises(FileNotFoundError):
         load_checkpoint(fresh(), tmp_path / "missing.pt")
+
+
+# --------------------------------------------------------------------------------------------- no per-step sync
+def _bad_row_data(dtype: torch.dtype = torch.float32, n: int = 400, bad: int = 123) -> tuple:
+    """Standardised 2-D data with one finite but huge row: its batch's loss overflows to inf in float32."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 2, generator=g, dtype=dtype)
+    x[bad] = 1e30 if dtype == torch.float32 else 1e200
+    return x, torch.randn(100, 2, generator=g, dtype=dtype)
+
+
+def _bad_step(n: int, batch_size: int, seed: int, bad: int) -> int:
+    """The 1-based step whose minibatch holds row ``bad``: fit shuffles with torch.randperm and a generator
+    seeded with the int seed, on the data's device."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return int((perm == bad).nonzero()[0, 0]) // batch_size + 1
+
+
+@pytest.mark.parametrize("check_every", [1, 4, 1000])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_bad_batch_never_reaches_the_parameters(dtype: torch.dtype, check_every: int) -> None:
+    """A minibatch whose loss is inf: divergence names its epoch and step whenever the device flags are read,
+    and no NaN/inf reaches the parameters or Adam's state (fused Adam skips the step on the device)."""
+    x, xv = _bad_row_data(dtype)
+    step = _bad_step(len(x), 20, 5, 123)
+    assert 1 < step < len(x) // 20  # a step in the middle of epoch 0, not the last
+    model = fresh(dtype)
+    initial = [p.detach().clone() for p in model.parameters()]
+    opts = []
+
+    def adam(params):
+        opts.append(make_adam(params, lr=1e-2))
+        return opts[-1]
+
+    with pytest.raises(TrainingDivergedError, match=f"epoch 0, step {step}: loss = inf"):
+        fit(model, x, xv, epochs=2, batch_size=20, generator=5, progress=False, optimizer=adam, check_every=check_every)
+    # the best parameters (here the initial ones: no epoch was completed) are back in the model
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), initial))
+    state = opts[0].state
+    assert all(torch.isfinite(t).all() for s in state.values() for t in s.values())
+    # fused Adam skipped the bad step and every step after it: its state is that of step - 1 good steps
+    ref_model, perm = fresh(dtype), torch.randperm(len(x), generator=torch.Generator().manual_seed(5))
+    ref = make_adam(ref_model.parameters(), lr=1e-2)
+    for i in range(step - 1):
+        ref.zero_grad(set_to_none=True)
+        rt.training_loss(ref_model, x[perm[i * 20:(i + 1) * 20]], check=False).backward()
+        ref.step()
+    for p, q in zip(model.parameters(), ref_model.parameters()):
+        for key in ("step", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(state[p][key], ref.state[q][key]), key
+
+
+@pytest.mark.parametrize("make_opt", [
+    lambda ps: torch.optim.Adam(ps, lr=1e-2, fused=False, foreach=False),
+    lambda ps: torch.optim.SGD(ps, lr=1e-2, momentum=0.9),
+], ids=["adam-unfused", "sgd-momentum"])
+def test_a_bad_batch_with_an_optimiser_without_device_skipping(make_opt) -> None:
+    """Optimisers that cannot skip a step on the device get zeroed gradients instead: still finite everywhere."""
+    x, xv = _bad_row_data(torch.float32)
+    step = _bad_step(len(x), 20, 5, 123)
+    model, opts = fresh(torch.float32), []
+    with pytest.raises(TrainingDivergedError, match=f"epoch 0, step {step}"):
+        fit(model, x, xv, epochs=1, batch_size=20, generator=5, progress=False, check_every=1000,
+            optimizer=lambda ps: opts.append(make_opt(ps)) or opts[-1])
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert all(torch.isfinite(t).all() for s in opts[0].state.values() for t in s.values() if torch.is_tensor(t))
+
+
+def test_an_exploding_gradient_is_divergence(monkeypatch: pytest.MonkeyPatch, toy) -> None:
+    """A finite loss with a non-finite gradient (e.g. the ordinary gradient of a singular W) is caught too."""
+    import relgrad.torch.train as T
+
+    xt, xv = toy
+    real, calls = T.training_loss, [0]
+
+    def loss_with_bad_gradient(model, *args, **kwargs):
+        calls[0] += 1
+        loss = real(model, *args, **kwargs)
+        if calls[0] == 3:  # add sqrt(0): the value stays the same, the derivative is inf
+            w = model.weights[0]
+            loss = loss + torch.sqrt((w - w.detach())[0, 0])
+        return loss
+
+    monkeypatch.setattr(T, "training_loss", loss_with_bad_gradient)
+    model = fresh()
+    with pytest.raises(TrainingDivergedError, match=r"epoch 0, step 3: loss = .* gradient of parameter layers\.0\.weight"):
+        fit(model, xt, xv, epochs=1, batch_size=100, generator=0, progress=False)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_per_epoch_values_do_not_depend_on_the_check_interval(toy) -> None:
+    """The device-side bookkeeping reads the losses back in windows; the epoch values are those of a loop that
+    read every step (float64 sums in step order), bit for bit."""
+    xt, xv = toy
+    runs = []
+    for every in (1, 7, 10_000):
+        model = fresh(torch.float32)
+        hist = fit(model, xt[:700], xv[:200], epochs=3, batch_size=30, lr=1e-2, generator=2, progress=False,
+                   check_every=every)
+        runs.append((hist.train_loss, hist.val_log_likelihood, [p.detach().clone() for p in model.parameters()]))
+    for other in runs[1:]:
+        assert other[0] == runs[0][0] and other[1] == runs[0][1]
+        assert all(torch.equal(a, b) for a, b in zip(other[2], runs[0][2]))
+    # and the train loss is the sample-weighted mean of the step losses, accumulated in float64 on the host
+    model, perm = fresh(torch.float32), torch.randperm(700, generator=torch.Generator().manual_seed(2))
+    opt, total = make_adam(model.parameters(), lr=1e-2), 0.0
+    for i in range(0, 700, 30):
+        opt.zero_grad(set_to_none=True)
+        loss = rt.training_loss(model, xt[:700].float()[perm[i:i + 30]], check=False)
+        loss.backward()
+        opt.step()
+        total += float(loss.detach()) * len(perm[i:i + 30])
+    assert total / 700 == runs[0][0][0]
+
+
+# --------------------------------------------------------------------------------------------- loop options
+def test_fit_callbacks_initial_evaluation_and_time_budget(toy) -> None:
+    xt, xv = toy
+    seen = []
+    model = fresh()
+    start = model.log_likelihood(xv[:200]).mean().item()
+    hist = fit(model, xt[:300], xv[:200], epochs=3, batch_size=50, lr=1e-2, generator=0, progress=False,
+               evaluate_initial=True, on_epoch_end=lambda rec, h: seen.append((rec, len(h.records))))
+    assert [r.epoch for r, _ in seen] == [0, 1, 2, 3] and [n for _, n in seen] == [1, 2, 3, 4]
+    assert seen[0][0].initial and math.isnan(seen[0][0].train_loss) and seen[0][0].steps == 0 and seen[0][0].best
+    assert seen[0][0].val_log_likelihood == pytest.approx(start, rel=1e-12)
+    assert [r.steps for r, _ in seen] == [0, 6, 12, 18] and hist.records == [r for r, _ in seen]
+    assert hist.stopped_by == "epochs" and len(hist.val_log_likelihood) == 4
+    capped = fit(fresh(), xt[:300], xv[:200], epochs=50, batch_size=50, generator=0, progress=False, max_seconds=1e-9)
+    assert capped.stopped_by == "time_cap" and capped.steps == 1 and capped.records[-1].partial
+    assert len(capped.records) == 1 and capped.best_epoch == 0
+
+
+def test_divergence_can_be_recorded_instead_of_raised(toy) -> None:
+    xt, xv = toy
+    model = fresh()
+    initial = [p.detach().clone() for p in model.parameters()]
+    hist = fit(model, xt, xv, epochs=5, lr=1e3, progress=False, generator=0, on_divergence="stop",
+               evaluate_initial=True)
+    assert hist.stopped_by == "diverged" and "epoch 1, step 2" in hist.error and not hist.stopped_early
+    assert len(hist.records) == 1 and hist.best_epoch == 0  # the initial evaluation, kept as the best
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), initial))
+    with pytest.raises(ValueError, match="on_divergence"):
+        fit(fresh(), xt, xv, epochs=1, progress=False, on_divergence="ignore")
+
+
+def test_linalg_error_at_validation_is_divergence() -> None:
+    def failing() -> float:
+        raise torch.linalg.LinAlgError("linalg.lu_factor: U[3,3] is zero, singular U.")
+
+    with pytest.raises(TrainingDivergedError, match="epoch 7: linalg.lu_factor"):
+        validation_score(failing, epoch=7)
+
+
+def test_mean_log_likelihood_sums_in_float64() -> None:
+    """L1: the per-sample values of a float32 model are summed in float64 (a float32 sum of 10^4 values of
+    size ~10^2 drifts by ~1e-3 nats on the mean)."""
+    g = torch.Generator().manual_seed(1)
+    model = DenseFlow(16, 2, generator=0, dtype=torch.float32, device="cpu")
+    x = 4.0 * torch.randn(10_000, 16, generator=g)
+    got = mean_log_likelihood(model, x, batch_size=4096)
+    with torch.no_grad():
+        chunks = [model.log_likelihood(x[i:i + 4096]).double() for i in range(0, 10_000, 4096)]
+    exact = math.fsum(torch.cat(chunks).tolist()) / 10_000
+    assert got == pytest.approx(exact, rel=1e-13, abs=0.0)
