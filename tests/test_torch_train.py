@@ -346,3 +346,111 @@ def test_mean_log_likelihood_sums_in_float64() -> None:
         chunks = [model.log_likelihood(x[i:i + 4096]).double() for i in range(0, 10_000, 4096)]
     exact = math.fsum(torch.cat(chunks).tolist()) / 10_000
     assert got == pytest.approx(exact, rel=1e-13, abs=0.0)
+
+
+_HOST_READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__")
+
+
+def _watch_steps(monkeypatch: pytest.MonkeyPatch, on_read) -> None:
+    """Call ``on_read(name)`` for every host read of a tensor inside fit's epochs, outside the periodic check."""
+    import relgrad.torch.train as T
+
+    inside = [False]
+    for name in _HOST_READS:
+        real = getattr(torch.Tensor, name)
+
+        def watched(self, *args, _real=real, _name=name, **kwargs):
+            if inside[0]:
+                on_read(_name)
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, watched)
+    real_call, real_check = T._TorchEpochs.__call__, T._TorchEpochs._check
+
+    def call(self, *args, **kwargs):
+        inside[0] = True
+        try:
+            return real_call(self, *args, **kwargs)
+        finally:
+            inside[0] = False
+
+    def check(self, *args, **kwargs):
+        inside[0] = False
+        try:
+            return real_check(self, *args, **kwargs)
+        finally:
+            inside[0] = True
+
+    monkeypatch.setattr(T._TorchEpochs, "__call__", call)
+    monkeypatch.setattr(T._TorchEpochs, "_check", check)
+
+
+@pytest.mark.parametrize("method", ["relative", "authors", "ordinary", "autodiff"])
+def test_no_host_reads_between_checks(monkeypatch: pytest.MonkeyPatch, toy, method: str) -> None:
+    """M1: no step reads a tensor back to the host (on CUDA each would be a synchronisation): no ``.item()``,
+    ``float()``, ``bool()``, ``.cpu()``... inside an epoch except in the check every ``check_every`` steps."""
+    reads = []
+    _watch_steps(monkeypatch, reads.append)
+    xt, xv = toy
+    hist = fit(fresh(), xt[:600], xv[:100], method=method, epochs=2, batch_size=50, lr=1e-2, generator=0,
+               progress=False, check_every=1000)
+    assert hist.steps == 24 and reads == []
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_steps_never_synchronise(monkeypatch: pytest.MonkeyPatch) -> None:
+    """M1 on the GPU: torch's sync debug mode raises at any synchronisation inside an epoch (outside the
+    periodic check), with the paper's batch size of 10."""
+    import relgrad.torch.train as T
+
+    real_call, real_check = T._TorchEpochs.__call__, T._TorchEpochs._check
+
+    def call(self, *args, **kwargs):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return real_call(self, *args, **kwargs)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    def check(self, *args, **kwargs):
+        torch.cuda.set_sync_debug_mode("default")
+        try:
+            return real_check(self, *args, **kwargs)
+        finally:
+            torch.cuda.set_sync_debug_mode("error")
+
+    monkeypatch.setattr(T._TorchEpochs, "__call__", call)
+    monkeypatch.setattr(T._TorchEpochs, "_check", check)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(500, 16, generator=g).cuda()
+    model = DenseFlow(16, 2, generator=0, device="cuda")
+    hist = fit(model, x[:400], x[400:], epochs=2, batch_size=10, lr=1e-3, generator=0, progress=False,
+               check_every=1000)
+    assert hist.steps == 80 and all(math.isfinite(v) for v in hist.val_log_likelihood)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_resume_is_bit_identical_and_checkpoints_move_between_devices(tmp_path: Path) -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(500, 8, generator=g).cuda()
+
+    def run(epochs: int, **kwargs):
+        model = DenseFlow(8, 2, generator=0, device="cuda")
+        hist = fit(model, x[:400], x[400:], epochs=epochs, batch_size=20, lr=1e-2, patience=None, generator=3,
+                   progress=False, **kwargs)
+        return model, hist
+
+    straight = run(3)
+    ckpt = tmp_path / "cuda.pt"
+    run(1, checkpoint_path=ckpt)
+    resumed = run(3, checkpoint_path=ckpt, resume=True)
+    for a, b in zip(straight[0].parameters(), resumed[0].parameters()):
+        assert torch.equal(a, b)
+    assert straight[1].val_log_likelihood == resumed[1].val_log_likelihood
+    on_cpu = load_checkpoint(None, ckpt, device="cpu")  # GPU -> CPU
+    save_checkpoint(on_cpu, tmp_path / "cpu.pt")
+    back = load_checkpoint(None, tmp_path / "cpu.pt", device="cuda")  # CPU -> GPU
+    assert back.device.type == "cuda"
+    assert torch.equal(back.weights[0].cpu(), resumed[0].weights[0].cpu())
