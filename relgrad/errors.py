@@ -35,8 +35,12 @@ class DeviceError(RelgradError, RuntimeError):
 
 
 class TrainingDivergedError(RelgradError, RuntimeError):
-    """Training produced a non-finite or exploding loss; the message says at which epoch and step."""
+    """Training produced a non-finite or exploding loss or gradient, or a validation evaluation failed (a
+    singular weight, a failed factorisation, a non-finite log-likelihood); the message says at which epoch
+    (and step) and what to change.  ``fit`` restores the best parameters before raising it."""
 
 
 class CheckpointError(RelgradError, ValueError):
-    """A checkpoint does not match the model it is loaded into (dimension, layers, alpha) or is malformed."""
+    """A checkpoint does not match the model it is loaded into (dimension, layers, alpha), is malformed,
+    truncated or damaged (the message names the file and what to do), or, when resuming training, was written
+    by a run with other settings or holds no training state."""
