@@ -105,7 +105,7 @@ def cuda_available() -> bool:
 def select_device(device: Optional[str] = None) -> str:
     """Resolve a device name: ``None``/``"auto"`` gives ``"cuda"`` when available, else ``"cpu"``.
 
-    An explicit ``"cuda"`` (or ``"cuda:N"``) on a machine without CUDA raises :class:`DeviceError` instead
+    An explicit ``"cuda"`` (or ``"cuda:N"``) on a machine without CUDA raises :class:`~relgrad.errors.DeviceError` instead
     of silently falling back to the CPU.
     """
     if device is None or str(device) == "auto":
@@ -142,7 +142,7 @@ def check_alpha(alpha: float) -> float:
 
 
 def check_batch(shape: tuple, dim: int, name: str = "x") -> None:
-    """Raise :class:`ShapeError` unless ``shape`` is ``(M, dim)`` with ``M >= 1``.
+    """Raise :class:`~relgrad.errors.ShapeError` unless ``shape`` is ``(M, dim)`` with ``M >= 1``.
 
     Batches are row-major: one sample per row, as in ``nn.Linear``.
     """
@@ -158,7 +158,7 @@ def check_batch(shape: tuple, dim: int, name: str = "x") -> None:
 
 
 def check_finite(all_finite: bool, name: str = "x") -> None:
-    """Raise :class:`NonFiniteError` naming ``name`` when ``all_finite`` is false (each twin computes the flag)."""
+    """Raise :class:`~relgrad.errors.NonFiniteError` naming ``name`` when ``all_finite`` is false (each twin computes the flag)."""
     if not all_finite:
         raise NonFiniteError(f"{name} contains NaN or infinite values; clean or impute the data first")
 

@@ -2,22 +2,22 @@
 
 Backend-free (NumPy only).  scikit-learn is imported lazily, inside the function that needs it, so
 ``import relgrad.datasets`` works without it.  Nothing here touches the network unless you call
-:func:`download_mnist` yourself.
+:func:`~relgrad.datasets.download_mnist` yourself.
 
 Every public name is importable from here (``from relgrad.datasets import load_dataset``); each lives in
 the module of its concern, layered from the ground up (a module imports only the layers below it, which
 ``tests/test_layering.py`` checks):
 
-* :mod:`~relgrad.datasets.base`: argument checks shared by the others (names, counts, ``lam``, ``RNGLike``);
-* :mod:`~relgrad.datasets.toys`: the 2-D toys (:data:`TOY_DATASETS`, :func:`sample_toy`): sine, trimodal,
+* ``relgrad.datasets.base``: argument checks shared by the others (names, counts, ``lam``, ``RNGLike``);
+* ``relgrad.datasets.toys``: the 2-D toys (:data:`~relgrad.datasets.TOY_DATASETS`, :func:`~relgrad.datasets.sample_toy`): sine, trimodal,
   moons, rings, 2spirals, checkerboard, 8gaussians; every draw takes an explicit ``rng``;
-* :mod:`~relgrad.datasets.images`: digits, MNIST and Fashion-MNIST on disk (IDX reader, optional download);
-* :mod:`~relgrad.datasets.transforms`: :class:`Standardizer`, :class:`Whitener`, dequantisation and the
+* ``relgrad.datasets.images``: digits, MNIST and Fashion-MNIST on disk (IDX reader, optional download);
+* ``relgrad.datasets.transforms``: :class:`~relgrad.datasets.Standardizer`, :class:`~relgrad.datasets.Whitener`, dequantisation and the
   logit transform;
-* :mod:`~relgrad.datasets.metrics`: the likelihood spaces of image data (logit-space nats, pixel-unit nats,
+* ``relgrad.datasets.metrics``: the likelihood spaces of image data (logit-space nats, pixel-unit nats,
   bits per dimension; the conventions are written out in that module's docstring);
-* :mod:`~relgrad.datasets.loader`, on top: :class:`Split`, :func:`load_dataset`, and :func:`standardize` /
-  :func:`whiten`, which fit on a split's training part.
+* ``relgrad.datasets.loader``, on top: :class:`~relgrad.datasets.Split`, :func:`~relgrad.datasets.load_dataset`, and :func:`~relgrad.datasets.standardize` /
+  :func:`~relgrad.datasets.whiten`, which fit on a split's training part.
 """
 
 from .base import RNGLike

@@ -21,7 +21,7 @@ RNGLike = Union[np.random.Generator, int, None]
 
 
 def resolve_name(name: str, valid: Sequence[str], what: str = "dataset") -> str:
-    """Return the canonical spelling of ``name`` or raise :class:`UnknownDatasetError` with a suggestion."""
+    """Return the canonical spelling of ``name`` or raise ``UnknownDatasetError`` with a suggestion."""
     key = str(name).strip().lower()
     if key in valid:
         return key

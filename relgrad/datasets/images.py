@@ -1,9 +1,9 @@
 """Image data on disk: scikit-learn's bundled digits, and MNIST / Fashion-MNIST as IDX files.
 
 Reading only returns integer pixels; dequantising and mapping them to the space a flow models is
-:mod:`relgrad.datasets.transforms`' job, cutting them into a split :mod:`relgrad.datasets.loader`'s.
-scikit-learn is imported lazily, inside :func:`load_digits_pixels`, so this module works without it.
-Nothing here touches the network unless you call :func:`download_mnist` yourself.
+``relgrad.datasets.transforms``' job, cutting them into a split ``relgrad.datasets.loader``'s.
+scikit-learn is imported lazily, inside :func:`~relgrad.datasets.load_digits_pixels`, so this module works without it.
+Nothing here touches the network unless you call :func:`~relgrad.datasets.download_mnist` yourself.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ __all__ = [
 ]
 
 
-#: Image datasets :func:`~relgrad.datasets.loader.load_dataset` understands (digits is bundled; the other two
+#: Image datasets :func:`~relgrad.datasets.load_dataset` understands (digits is bundled; the other two
 #: read IDX files).
 IMAGE_DATASETS: Tuple[str, ...] = ("digits", "mnist", "fashion-mnist")
 
@@ -118,7 +118,7 @@ _IDX_SPLITS = ("train", "test")
 
 #: Where Debian's ``dataset-fashion-mnist`` package installs the four Fashion-MNIST files.
 DEBIAN_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
-#: Mirrors used by :func:`download_mnist` (the official hosts; only called on request).
+#: Mirrors used by :func:`~relgrad.datasets.download_mnist` (the official hosts; only called on request).
 MNIST_MIRROR = "https://ossci-datasets.s3.amazonaws.com/mnist/"
 FASHION_MNIST_MIRROR = "https://raw.githubusercontent.com/zalandoresearch/fashion-mnist/master/data/fashion/"
 # MD5 of the official .gz files (torchvision's table).  Debian recompresses its copies, so only downloads
@@ -140,7 +140,7 @@ _MD5 = {
 
 
 def default_data_dir(kind: str = "mnist") -> Path:
-    """Where :func:`load_idx_images` looks when no directory is given, and :func:`download_mnist` writes.
+    """Where :func:`~relgrad.datasets.load_idx_images` looks when no directory is given, and :func:`~relgrad.datasets.download_mnist` writes.
 
     ``$RELGRAD_DATA_DIR/<kind>`` when that variable is set; else, for Fashion-MNIST, Debian's
     ``/usr/share/datasets/fashion-mnist`` when it exists; else ``~/.cache/relgrad/<kind>``.
@@ -175,7 +175,7 @@ def load_idx_images(
     directory: Union[str, os.PathLike, None] = None, kind: str = "mnist", split: str = "train"
 ) -> np.ndarray:
     """Read the standard images file of MNIST or Fashion-MNIST (``train-images-idx3-ubyte.gz`` or
-    ``t10k-images-idx3-ubyte.gz``, gzipped or not) from ``directory`` (default :func:`default_data_dir`).
+    ``t10k-images-idx3-ubyte.gz``, gzipped or not) from ``directory`` (default :func:`~relgrad.datasets.default_data_dir`).
 
     Never downloads; a missing file raises FileNotFoundError explaining how to get it.
 
@@ -237,9 +237,9 @@ def download_mnist(
     """Download the four IDX files of MNIST (or Fashion-MNIST) into ``directory`` and return it.
 
     For online use (e.g. Colab); nothing in relgrad calls it implicitly.  Files come from
-    :data:`MNIST_MIRROR` / :data:`FASHION_MNIST_MIRROR` and are checked against the official MD5 sums.
+    :data:`~relgrad.datasets.MNIST_MIRROR` / :data:`~relgrad.datasets.FASHION_MNIST_MIRROR` and are checked against the official MD5 sums.
     Files already present are kept unless ``overwrite``.  ``directory`` defaults to
-    :func:`default_data_dir` (for Fashion-MNIST, pass a writable directory if Debian's copy is absent).
+    :func:`~relgrad.datasets.default_data_dir` (for Fashion-MNIST, pass a writable directory if Debian's copy is absent).
     """
     kind = resolve_name(kind, _IDX_KINDS, "IDX dataset kind")
     folder = Path(directory).expanduser() if directory is not None else default_data_dir(kind)

@@ -1,9 +1,9 @@
-"""The top layer of :mod:`relgrad.datasets`: a dataset by name as a train / validation / test :class:`Split`.
+"""The top layer of :mod:`relgrad.datasets`: a dataset by name as a train / validation / test :class:`~relgrad.datasets.Split`.
 
-:func:`load_dataset` draws a toy (:mod:`~relgrad.datasets.toys`) or reads images
-(:mod:`~relgrad.datasets.images`), cuts them into the paper's splits and maps image data to the requested
-space (:mod:`~relgrad.datasets.transforms`).  :func:`standardize` and :func:`whiten` fit their map on a
-split's training part only and apply it to all three parts, so they live here with :class:`Split`.
+:func:`~relgrad.datasets.load_dataset` draws a toy (``relgrad.datasets.toys``) or reads images
+(``relgrad.datasets.images``), cuts them into the paper's splits and maps image data to the requested
+space (``relgrad.datasets.transforms``).  :func:`~relgrad.datasets.standardize` and :func:`~relgrad.datasets.whiten` fit their map on a
+split's training part only and apply it to all three parts, so they live here with :class:`~relgrad.datasets.Split`.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ class Split:
         return iter((self.train, self.val, self.test))
 
 
-#: Every name :func:`load_dataset` accepts.
+#: Every name :func:`~relgrad.datasets.load_dataset` accepts.
 DATASETS: Tuple[str, ...] = TOY_DATASETS + IMAGE_DATASETS
 
 _SPACES = ("logit", "unit", "pixels")
@@ -82,17 +82,17 @@ def load_dataset(
     lam: float = 1e-6,
     directory: Union[str, os.PathLike, None] = None,
 ) -> Split:
-    """Load ``name`` (a toy, ``"digits"``, ``"mnist"`` or ``"fashion-mnist"``) as a :class:`Split`.
+    """Load ``name`` (a toy, ``"digits"``, ``"mnist"`` or ``"fashion-mnist"``) as a :class:`~relgrad.datasets.Split`.
 
     * Toys: ``sizes = (N_train, N_val, N_test)`` fresh i.i.d. draws (default 5000 each, as the paper).
     * ``"digits"``: the 1797 images shuffled by ``rng`` and cut into ``sizes`` (default 1197/300/300),
       dequantised with ``rng`` and mapped to ``space`` (17 levels).
-    * ``"mnist"``/``"fashion-mnist"``: read from ``directory`` (see :func:`load_idx_images`).  As in the
+    * ``"mnist"``/``"fashion-mnist"``: read from ``directory`` (see :func:`~relgrad.datasets.load_idx_images`).  As in the
       paper, train = the first ``N_train`` training images, val = the last ``N_val``, test = the first
       ``N_test`` test images (default 50000/10000/10000); 256 levels.
 
     ``space`` (images only): ``"logit"`` (default, what the flow models; ``lam`` as in
-    :func:`logit_transform`), ``"unit"`` (dequantised, in ``[0, 1)``) or ``"pixels"`` (dequantised, in
+    :func:`~relgrad.datasets.logit_transform`), ``"unit"`` (dequantised, in ``[0, 1)``) or ``"pixels"`` (dequantised, in
     ``[0, K)``).  ``split.info`` records ``levels``, ``lam`` and ``space`` for the likelihood conversions.
 
     Shapes:
@@ -165,9 +165,9 @@ def _idx_parts(kind: str, directory: Union[str, os.PathLike, None], sizes: Seque
 
 # ============================================================================================ standardising
 def standardize(data: Union[Split, np.ndarray]) -> Tuple[Union[Split, np.ndarray], Standardizer]:
-    """Standardise each column to zero mean and unit variance; return the data and the :class:`Standardizer`.
+    """Standardise each column to zero mean and unit variance; return the data and the :class:`~relgrad.datasets.Standardizer`.
 
-    For a :class:`Split` the statistics come from ``train`` only (so validation and test data stay unseen)
+    For a :class:`~relgrad.datasets.Split` the statistics come from ``train`` only (so validation and test data stay unseen)
     and are applied to all three parts.  ``standardizer.log_abs_det`` is the log-Jacobian needed to report
     likelihoods in the original space.
 
@@ -188,9 +188,9 @@ def _fit_and_apply(kind: Any, data: Union[Split, np.ndarray], flag: str) -> Tupl
 
 
 def whiten(data: Union[Split, np.ndarray]) -> Tuple[Union[Split, np.ndarray], Whitener]:
-    """Whiten (zero mean, identity covariance); return the data and the :class:`Whitener`.
+    """Whiten (zero mean, identity covariance); return the data and the :class:`~relgrad.datasets.Whitener`.
 
-    For a :class:`Split` the statistics come from ``train`` only and are applied to all three parts.
+    For a :class:`~relgrad.datasets.Split` the statistics come from ``train`` only and are applied to all three parts.
 
     Shapes:
         an ``(N, D)`` array, or a Split with ``D`` columns, in; the same shapes out.

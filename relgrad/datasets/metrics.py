@@ -25,7 +25,7 @@ comparable with 8-bit image bpd.
 The relative-gradient paper reports MNIST differently: ``mean log p_Y(y)`` in nats **in logit space**,
 with ``lam = 1e-6`` and **no** preprocessing Jacobian (MAF's MNIST protocol), e.g. -1375.2 nats.  That
 number cannot be turned into bits/dim without the data (the Jacobian term depends on each image).
-:func:`image_likelihood_summary` returns both numbers side by side.  (The authors' code also divides the
+:func:`~relgrad.datasets.image_likelihood_summary` returns both numbers side by side.  (The authors' code also divides the
 dequantised data by its global maximum instead of by ``K``; the difference is below 0.4 % in scale and
 we use the exact ``/K`` so the Jacobian is exact.)
 """
@@ -53,7 +53,7 @@ __all__ = [
 def logit_log_jacobian(y: np.ndarray, lam: float = 1e-6) -> np.ndarray:
     """``sum_d log|dy_d/dx_d|`` of the logit transform, computed from the logit-space data ``y``.
 
-    Equal to the log-Jacobian returned by :func:`~relgrad.datasets.transforms.logit_transform`, but needs
+    Equal to the log-Jacobian returned by :func:`~relgrad.datasets.logit_transform`, but needs
     only ``y`` (what a flow sees): ``log|dy/dx| = log(1 - 2 lam) + softplus(y) + softplus(-y)``, since
     ``-log s = softplus(-y)`` and ``-log(1 - s) = softplus(y)`` for ``s = sigmoid(y)``.  It lives here, with
     the conversions that need it, rather than with the transform, so that this module needs only the base.

@@ -117,12 +117,12 @@ _TOYS: Dict[str, Callable[[int, np.random.Generator], np.ndarray]] = {
     "8gaussians": _eight_gaussians,
 }
 
-#: Names accepted by :func:`sample_toy` and :func:`~relgrad.datasets.loader.load_dataset`.
+#: Names accepted by :func:`~relgrad.datasets.sample_toy` and :func:`~relgrad.datasets.load_dataset`.
 TOY_DATASETS: Tuple[str, ...] = tuple(_TOYS)
 
 
 def sample_toy(name: str, n: int, rng: RNGLike = None) -> np.ndarray:
-    """Draw ``n`` i.i.d. points from the 2-D toy density ``name`` (one of :data:`TOY_DATASETS`).
+    """Draw ``n`` i.i.d. points from the 2-D toy density ``name`` (one of :data:`~relgrad.datasets.TOY_DATASETS`).
 
     ``rng`` is a ``np.random.Generator``, an int seed, or ``None`` (fresh entropy): the same seed gives the
     same array.  An unknown name raises :class:`~relgrad.errors.UnknownDatasetError` listing the valid ones.

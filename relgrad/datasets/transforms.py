@@ -1,14 +1,14 @@
 """Maps between the data and the space a flow models, each with the log-Jacobian that keeps likelihoods exact.
 
-* :class:`Standardizer` and :class:`Whitener`: per-column and full-covariance affine maps (fitting one on
-  a split's training part and applying it to all three parts is :func:`~relgrad.datasets.loader.standardize`
-  / :func:`~relgrad.datasets.loader.whiten`);
-* image data: :func:`dequantize` (integer pixels to the unit cube), :func:`logit_transform` and
-  :func:`logit_inverse`, and :func:`unit_to_pixels` (back to integer pixels, to display samples).
+* :class:`~relgrad.datasets.Standardizer` and :class:`~relgrad.datasets.Whitener`: per-column and full-covariance affine maps (fitting one on
+  a split's training part and applying it to all three parts is :func:`~relgrad.datasets.standardize`
+  / :func:`~relgrad.datasets.whiten`);
+* image data: :func:`~relgrad.datasets.dequantize` (integer pixels to the unit cube), :func:`~relgrad.datasets.logit_transform` and
+  :func:`~relgrad.datasets.logit_inverse`, and :func:`~relgrad.datasets.unit_to_pixels` (back to integer pixels, to display samples).
 
 The logit transform's log-Jacobian computed from the logit-space data alone, which the likelihood conversions
-need, is :func:`relgrad.datasets.metrics.logit_log_jacobian` (the pipeline is written out in
-:mod:`relgrad.datasets.metrics`).
+need, is :func:`~relgrad.datasets.logit_log_jacobian` (the pipeline is written out in
+``relgrad.datasets.metrics``).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ class Standardizer:
     """The affine map ``z = (x - mean) / std`` (per column) and its log-Jacobian.
 
     A flow fitted to ``z`` gives ``log p_X(x) = log p_Z(z) + log_abs_det``, with the constant
-    ``log_abs_det = -sum_d log std_d``: use :meth:`to_original_log_likelihood` to report likelihoods in
+    ``log_abs_det = -sum_d log std_d``: use ``to_original_log_likelihood`` to report likelihoods in
     the original space.
 
     Shapes:
@@ -87,7 +87,7 @@ class Standardizer:
 class Whitener:
     """The affine map ``z = A (x - mean)`` with ``A = Sigma^{-1/2}`` (symmetric), and its log-Jacobian.
 
-    The full-covariance sibling of :class:`Standardizer`: ``z`` has identity sample covariance on the data it
+    The full-covariance sibling of :class:`~relgrad.datasets.Standardizer`: ``z`` has identity sample covariance on the data it
     was fitted to.  A flow fitted to ``z`` gives ``log p_X(x) = log p_Z(z) + log_abs_det`` with the constant
     ``log_abs_det = -1/2 log det Sigma``.
 
@@ -132,7 +132,7 @@ class Whitener:
 
 
 def _as_batch(x: np.ndarray, name: str, dim: Optional[int] = None) -> np.ndarray:
-    """``x`` as a finite float64 ``(M, D)`` array, else :class:`ShapeError` / :class:`NonFiniteError`."""
+    """``x`` as a finite float64 ``(M, D)`` array, else ``ShapeError`` / ``NonFiniteError``."""
     a = np.asarray(x, dtype=np.float64)
     if a.ndim != 2 or (dim is not None and a.shape[1] != dim):
         want = f"(M, {dim})" if dim is not None else "(M, D)"
@@ -191,11 +191,11 @@ def logit_transform(x: np.ndarray, lam: float = 1e-6) -> Tuple[np.ndarray, np.nd
 
 
 def logit_inverse(y: np.ndarray, lam: float = 1e-6) -> np.ndarray:
-    """Inverse of :func:`logit_transform`: ``x = (sigmoid(y) - lam) / (1 - 2 lam)``.
+    """Inverse of :func:`~relgrad.datasets.logit_transform`: ``x = (sigmoid(y) - lam) / (1 - 2 lam)``.
 
     Shapes:
         ``y`` any shape; returns the same shape, float64.  Values of ``y`` beyond ``+-logit(lam)`` (which
-        a flow's samples can reach) map slightly outside ``[0, 1]``; :func:`unit_to_pixels` clips them.
+        a flow's samples can reach) map slightly outside ``[0, 1]``; :func:`~relgrad.datasets.unit_to_pixels` clips them.
     """
     lam = check_lam(lam)
     y = np.asarray(y, dtype=np.float64)
@@ -208,7 +208,7 @@ def logit_inverse(y: np.ndarray, lam: float = 1e-6) -> np.ndarray:
 def unit_to_pixels(x: np.ndarray, levels: int) -> np.ndarray:
     """Quantise unit-cube values back to integer pixels ``floor(x * levels)``, clipped to ``0..levels-1``.
 
-    Inverts :func:`dequantize` exactly (the noise lies in ``[0, 1)``); use it to display model samples.
+    Inverts :func:`~relgrad.datasets.dequantize` exactly (the noise lies in ``[0, 1)``); use it to display model samples.
 
     Shapes:
         any shape in, the same shape out (int64).

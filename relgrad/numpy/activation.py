@@ -7,7 +7,7 @@
 For 0 < alpha < 1 the function is a strictly increasing, convex bijection of the real line, so it can be
 inverted by Newton's method (see :func:`sigma_inverse`).  Every function is elementwise, accepts a scalar or
 an array of any shape and returns an array of the same shape; integer input is promoted to float64.  All
-of them are written so that no intermediate overflows: they stay warning-free for |u| up to 1e308.
+of them are written so that no intermediate overflows: they stay warning-free for ``|u|`` up to 1e308.
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ def dlog_sigma_prime(u: ArrayLike, alpha: float = DEFAULT_ALPHA) -> np.ndarray:
 
 
 def sigma_inverse(v: ArrayLike, alpha: float = DEFAULT_ALPHA, *, max_iter: int = 100) -> np.ndarray:
-    """Inverse of :func:`sigma` by safeguarded Newton iteration, exact to a few ulps for |u| up to 1e6.
+    """Inverse of :func:`sigma` by safeguarded Newton iteration, exact to a few ulps for ``|u|`` up to 1e6.
 
     sigma is convex and increasing, so Newton's method started to the right of the root decreases
     monotonically to it.  Both starting points below are to the right of the root:

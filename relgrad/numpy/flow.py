@@ -89,7 +89,7 @@ class DenseFlow:
         rng: ``np.random.Generator``, int seed or ``None``; used only for the initial weights.
         dtype: floating dtype of the parameters and of every computation (float64 by default).
 
-    Initialisation: orthogonal W_k (well conditioned, |det| = 1), zero b_k.
+    Initialisation: orthogonal W_k (well conditioned, ``|det W_k| = 1``), zero b_k.
     The parameter arrays are updated in place by optimisers and never re-bound, so references taken by
     ``parameters()`` stay valid for the lifetime of the model.
 
@@ -169,7 +169,7 @@ class DenseFlow:
 
     # ------------------------------------------------------------------ exact evaluation (O(D^3) per layer)
     def _check_weight(self, k: int) -> None:
-        """Raise :class:`SingularWeightError` naming the layer (1-based) when W_{k+1} is not usable exactly.
+        """Raise :class:`~relgrad.errors.SingularWeightError` naming the layer (1-based) when W_{k+1} is not usable exactly.
 
         That is: W has NaN/inf entries, or its condition number exceeds 1/eps (this includes det W = 0).
         Then neither log|det W| nor W^{-1} means anything in floating point.  The singular values cost an
@@ -189,8 +189,8 @@ class DenseFlow:
     def logdet_weights(self) -> np.ndarray:
         """Per-layer log|det W_k| via slogdet (the parameter-only term L_J^2; an O(D^3) evaluation call).
 
-        Each layer is first checked with :meth:`_check_weight`, so a singular or non-finite W_k raises
-        :class:`SingularWeightError` ("layer k of L") instead of returning -inf or NaN.
+        Each layer is checked first, so a singular or non-finite W_k raises
+        :class:`~relgrad.errors.SingularWeightError` ("layer k of L") instead of returning -inf or NaN.
 
         Shapes:
             returns ``(L,)``.

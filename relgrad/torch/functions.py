@@ -178,7 +178,7 @@ class OrdinaryLogDet(torch.autograd.Function):
 
 
 class SigmaAndLogDet(torch.autograd.Function):
-    """``(sigma(y), sum_i log sigma'(y_i))`` in one pass, with a hand-written backward (see :func:`sigma_and_log_det`).
+    """``(sigma(y), sum_i log sigma'(y_i))`` in one pass, with a hand-written backward (see :func:`~relgrad.torch.sigma_and_log_det`).
 
     The third output, ``sigma'(y)``, is returned only so that the backward can reuse it (non-differentiable).
     Half-precision input (autocast) is computed in float32: a sum of D logarithms in bf16 loses whole nats.

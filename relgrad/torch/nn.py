@@ -392,7 +392,7 @@ class RelativeConv1x1(nn.Module):
     Args:
         channels: C.
         bias: learn a per-channel bias (default False: Glow puts an ActNorm next to it).
-        rule, rng (alias generator), device, dtype: as :class:`RelativeLinear`.
+        rule: as :class:`RelativeLinear`; also ``rng`` (alias ``generator``), ``device`` and ``dtype``.
 
     Shapes:
         x: (N, C, H, W); returns y (N, C, H, W) and logabsdet (N,).  weight: (C, C), bias: (C,).
