@@ -197,6 +197,18 @@ def test_resume_after_a_time_cut_inside_an_epoch(tmp_path: Path) -> None:
     assert [r.epoch for r in resumed[1].records] == [0, 1, 2, 3] and not any(r.partial for r in resumed[1].records)
 
 
+def test_resume_with_a_numpy_generator(tmp_path: Path) -> None:
+    """generator=np.random.Generator shuffles as the NumPy twin does; its state is part of the checkpoint."""
+    straight = _torch_run(tmp_path, torch.float64, epochs=3, generator=np.random.default_rng(4))
+    ckpt = tmp_path / "np.pt"
+    _torch_run(tmp_path, torch.float64, epochs=1, generator=np.random.default_rng(4), checkpoint_path=ckpt)
+    resumed = _torch_run(tmp_path, torch.float64, epochs=3, generator=np.random.default_rng(4), checkpoint_path=ckpt,
+                         resume=True)
+    _same_run(*straight, *resumed)
+    with pytest.raises(CheckpointError, match="same kind of generator"):
+        _torch_run(tmp_path, torch.float64, epochs=3, generator=4, checkpoint_path=ckpt, resume=True)
+
+
 def test_resume_restores_the_callers_global_generator(tmp_path: Path) -> None:
     """generator=None draws the shuffling seed from torch's global RNG; a resumed run leaves it where an
     uninterrupted run would, so code after fit sees the same random numbers."""

@@ -94,18 +94,56 @@ def _prepare(model: DenseFlow, x: Any, name: str) -> torch.Tensor:
     return x
 
 
-def _shuffle_generator(generator: RngLike, device: torch.device) -> torch.Generator:
-    """A private torch.Generator on the data's device, seeded from ``generator``.
+class _Shuffle:
+    """The permutation of each epoch, drawn on the data's device by ``torch.randperm`` (no host traffic), or
+    by NumPy when the caller passed a ``np.random.Generator``: then the order is exactly the NumPy twin's
+    (``rng.permutation(n)`` once per epoch, as :func:`relgrad.training.minibatch_indices`), uploaded once
+    per epoch from pinned memory.
 
-    An int is the seed itself; a torch or NumPy generator (or None: torch's global generator) gives one draw,
-    so a single seed fixes the whole run and the caller's generator advances by one number.
+    Shapes:
+        ``permutation(n)`` returns (n,) int64 on ``device``.
+    """
+
+    def __init__(self, generator: Union[torch.Generator, np.random.Generator], device: torch.device) -> None:
+        self.generator, self.device = generator, device
+        self.kind = "numpy" if isinstance(generator, np.random.Generator) else "torch"
+
+    def get_state(self) -> Any:
+        if self.kind == "numpy":
+            return self.generator.bit_generator.state  # a dict of str and int
+        return self.generator.get_state()
+
+    def set_state(self, state: Any) -> None:
+        if self.kind == "numpy":
+            self.generator.bit_generator.state = state
+        else:
+            self.generator.set_state(state)
+
+    def permutation(self, n: int) -> torch.Tensor:
+        if self.kind == "torch":
+            return torch.randperm(n, generator=self.generator, device=self.device)
+        perm = torch.from_numpy(self.generator.permutation(n))
+        if self.device.type == "cuda":
+            perm = perm.pin_memory()  # a pageable source would make the copy wait for the device
+        return perm.to(self.device, non_blocking=True)
+
+    def where(self) -> str:
+        return "numpy" if self.kind == "numpy" else self.generator.device.type
+
+
+def _shuffle_generator(generator: RngLike, device: torch.device) -> _Shuffle:
+    """The shuffling of a run: NumPy's for a ``np.random.Generator`` (used as it is, as the NumPy twin does),
+    else a private torch.Generator on the data's device, seeded from ``generator``.
+
+    An int is the seed itself; a torch generator (or None: torch's global generator) gives one draw, so a
+    single seed fixes the whole run and the caller's generator advances by one number.
     """
     if isinstance(generator, bool):
         raise TypeError("generator must be a torch.Generator, np.random.Generator, int or None, got a bool")
+    if isinstance(generator, np.random.Generator):
+        return _Shuffle(generator, device)
     if isinstance(generator, (int, np.integer)):
         seed = int(generator)
-    elif isinstance(generator, np.random.Generator):
-        seed = int(generator.integers(0, 2**62))
     elif generator is None or isinstance(generator, torch.Generator):
         dev = "cpu" if generator is None else generator.device
         seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=dev))
@@ -113,7 +151,7 @@ def _shuffle_generator(generator: RngLike, device: torch.device) -> torch.Genera
         raise TypeError(
             f"generator must be a torch.Generator, np.random.Generator, int or None, got {type(generator).__name__}"
         )
-    return torch.Generator(device=device).manual_seed(seed)
+    return _Shuffle(torch.Generator(device=device).manual_seed(seed), device)
 
 
 def _caller_rng_state(generator: RngLike) -> Any:
@@ -122,21 +160,17 @@ def _caller_rng_state(generator: RngLike) -> Any:
         return torch.get_rng_state()
     if isinstance(generator, torch.Generator):
         return generator.get_state()
-    if isinstance(generator, np.random.Generator):
-        return generator.bit_generator.state  # a dict of str and int
-    return None
+    return None  # an int seed has no state; a NumPy generator is the shuffling's own (saved with it)
 
 
 def _set_caller_rng_state(generator: RngLike, state: Any, path: PathLike) -> None:
-    if state is None or isinstance(generator, (int, np.integer)):
+    if state is None or not (generator is None or isinstance(generator, torch.Generator)):
         return
     try:
         if generator is None:
             torch.set_rng_state(state)
-        elif isinstance(generator, torch.Generator):
-            generator.set_state(state)
         else:
-            generator.bit_generator.state = state
+            generator.set_state(state)
     except (TypeError, ValueError, RuntimeError) as err:
         raise CheckpointError(
             f"checkpoint {path}: the state of the generator passed as generator= cannot be restored ({err}); "
@@ -199,14 +233,14 @@ class _TorchEpochs:
     """
 
     def __init__(self, model: DenseFlow, opt: torch.optim.Optimizer, x: torch.Tensor, method: str, batch_size: int,
-                 generator: torch.Generator, *, check_every: int = 100, batch_progress: Optional[bool] = False) -> None:
+                 shuffle: _Shuffle, *, check_every: int = 100, batch_progress: Optional[bool] = False) -> None:
         if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         if isinstance(check_every, bool) or not isinstance(check_every, (int, np.integer)) or check_every < 1:
             raise ValueError(f"check_every must be a positive int, got {check_every!r}")
         self.model, self.opt, self.x, self.method = model, opt, x, method
         self.batch_size, self.check_every, self.batch_progress = int(batch_size), int(check_every), batch_progress
-        self.generator = generator
+        self.shuffle = shuffle
         self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.params = [p for _, p in self.named]
         self.n_batches = math.ceil(x.shape[0] / self.batch_size)
@@ -219,23 +253,26 @@ class _TorchEpochs:
         self.skip_on_device = bool(getattr(opt, "_step_supports_amp_scaling", False))
         # position inside the current epoch (non-zero only after a time cut)
         self.position, self.loss_sum, self.seen = 0, 0.0, 0
-        self.epoch_start_state: Optional[torch.Tensor] = None
+        self.epoch_start_state: Any = None
 
     # ------------------------------------------------------------------ state for resuming
     def state_dict(self) -> Dict[str, Any]:
-        return {"generator": self.generator.get_state(), "device_type": self.generator.device.type,
+        return {"generator": self.shuffle.get_state(), "device_type": self.shuffle.where(),
                 "epoch_start_state": self.epoch_start_state, "position": self.position,
                 "loss_sum": self.loss_sum, "seen": self.seen, "n_train": int(self.x.shape[0]),
                 "batch_size": self.batch_size}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        if state["device_type"] != self.generator.device.type:
+        if state["device_type"] != self.shuffle.where():
             raise CheckpointError(
-                f"the checkpoint's shuffling generator ran on {state['device_type']} but the data are on "
-                f"{self.generator.device.type}: its state cannot be carried over; resume on a {state['device_type']} "
-                "device, or start a new run"
+                f"the checkpoint's shuffling generator ran on {state['device_type']} but this run's is "
+                f"{self.shuffle.where()}: its state cannot be carried over; resume on the same kind of device "
+                "with the same kind of generator= (int/torch or NumPy), or start a new run"
             )
-        self.generator.set_state(state["generator"])
+        try:
+            self.shuffle.set_state(state["generator"])
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise CheckpointError(f"the checkpoint's shuffling state does not fit this run's generator: {err}") from err
         self.epoch_start_state = state["epoch_start_state"]
         self.position, self.loss_sum, self.seen = int(state["position"]), float(state["loss_sum"]), int(state["seen"])
 
@@ -262,11 +299,11 @@ class _TorchEpochs:
     def __call__(self, epoch: int, step: int, out_of_time: Callable[[], bool]) -> EpochResult:
         n, bs = self.x.shape[0], self.batch_size
         if self.position == 0:
-            self.epoch_start_state = self.generator.get_state()
+            self.epoch_start_state = self.shuffle.get_state()
             self.loss_sum, self.seen = 0.0, 0
         else:  # finishing an epoch cut by a time budget: draw the same permutation again
-            self.generator.set_state(self.epoch_start_state)
-        perm = torch.randperm(n, generator=self.generator, device=self.x.device)
+            self.shuffle.set_state(self.epoch_start_state)
+        perm = self.shuffle.permutation(n)
         start_batch = self.position
         step_at_lo, lo = step, start_batch
         self.alive.fill_(1.0)
@@ -281,7 +318,7 @@ class _TorchEpochs:
             loss = training_loss(self.model, xb, self.method, check=False)
             loss.backward()
             grads = self._grads()
-            row = torch.stack([loss.detach(), *torch._foreach_norm(grads)])
+            row = torch.stack([loss.detach().to(self.rows.dtype), *torch._foreach_norm(grads)])
             self.rows[i].copy_(row)
             self.alive.mul_((row.abs() <= self.limits).all())
             if self.skip_on_device:
@@ -472,7 +509,7 @@ def fit(
 ) -> History:
     """Maximum-likelihood training with Adam and the chosen gradient, early stopping on the exact val LL.
 
-    Each epoch shuffles the training set on its device (``torch.randperm``), takes one optimiser step per
+    Each epoch shuffles the training set on its device (``torch.randperm``; see ``generator``), takes one optimiser step per
     minibatch on :func:`relgrad.torch.training_loss`, then evaluates the exact mean validation
     log-likelihood.  The best parameters are kept and restored into ``model`` at the end; ``patience=None``
     never stops early.  No step waits for the device: losses are checked every ``check_every`` steps and at
@@ -482,7 +519,9 @@ def fit(
 
     Options (the loop is :func:`relgrad.training.run_epochs`):
 
-    * ``generator``: torch or NumPy generator, or int seed (None: torch's global generator) for the shuffling.
+    * ``generator``: int seed, torch generator, or None (torch's global generator) for the shuffling on the
+      device; a NumPy generator instead shuffles exactly as the NumPy twin's ``fit(rng=...)`` does (one
+      upload of the permutation per epoch), so both twins can follow the same trajectory.
     * ``checkpoint_path``: a training checkpoint written atomically after every epoch: the best parameters so
       far (so :func:`load_checkpoint` reads it as a model), plus the current parameters, the optimiser state,
       the shuffling generator, early stopping and the history.  ``resume=True`` continues from it (a missing
