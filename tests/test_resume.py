@@ -36,15 +36,9 @@ CHILD = textwrap.dedent(
     import relgrad.torch.train as T
     from relgrad.torch import DenseFlow, fit
 
-    mode, dtype, ckpt, out, marker = sys.argv[1:6]
+    mode, folder = sys.argv[1:3]
+    dtypes = sys.argv[3:]
     torch.set_num_threads(1)
-    dt = getattr(torch, dtype)
-    g = torch.Generator().manual_seed(0)
-    mix = torch.randn(8, 8, generator=g, dtype=torch.float64) / 3
-    x = torch.randn(700, 8, generator=g, dtype=torch.float64)
-    x = torch.tanh(x @ mix) + 0.3 * x                     # a non-Gaussian cloud the flow can learn
-    x = ((x - x.mean(0)) / x.std(0)).to(dt)
-    xt, xv = x[:600], x[600:]
     BATCHES = 12                                          # 600 / 50 steps per epoch
     if mode == "killed":
         # Progress signal for the parent: in the middle of epoch 1 (after the checkpoint of epoch 0 was
@@ -53,21 +47,31 @@ CHILD = textwrap.dedent(
         def training_loss(*args, **kwargs):
             calls[0] += 1
             if calls[0] == BATCHES + BATCHES // 2:
-                open(marker, "w").write("mid-epoch 1")
+                open(f"{folder}/{dtypes[0]}_marker", "w").write("mid-epoch 1")
                 time.sleep(300)
             return real(*args, **kwargs)
         T.training_loss = training_loss
-    model = DenseFlow(8, 2, generator=0, dtype=dt, device="cpu")
-    hist = fit(model, xt, xv, epochs=4, batch_size=50, lr=3e-2, patience=None, generator=1, progress=False,
-               checkpoint_path=ckpt, resume=(mode == "resumed"))
-    torch.save({"state": {k: v.clone() for k, v in model.state_dict().items()}, "history": hist.to_dict()}, out)
+    for dtype in dtypes:                                  # one process may run several dtypes, one after the other
+        dt = getattr(torch, dtype)
+        g = torch.Generator().manual_seed(0)
+        mix = torch.randn(8, 8, generator=g, dtype=torch.float64) / 3
+        x = torch.randn(700, 8, generator=g, dtype=torch.float64)
+        x = torch.tanh(x @ mix) + 0.3 * x                 # a non-Gaussian cloud the flow can learn
+        x = ((x - x.mean(0)) / x.std(0)).to(dt)
+        xt, xv = x[:600], x[600:]
+        model = DenseFlow(8, 2, generator=0, dtype=dt, device="cpu")
+        ckpt = f"{folder}/{dtype}_{'straight' if mode == 'straight' else 'run'}.pt"
+        hist = fit(model, xt, xv, epochs=4, batch_size=50, lr=3e-2, patience=None, generator=1, progress=False,
+                   checkpoint_path=ckpt, resume=(mode == "resumed"))
+        torch.save({"state": {k: v.clone() for k, v in model.state_dict().items()}, "history": hist.to_dict()},
+                   f"{folder}/{dtype}_{mode}_out.pt")
     """
 )
 
 
-def _child(script: Path, mode: str, dtype: str, ckpt: Path, out: Path, marker: Path) -> subprocess.Popen:
+def _child(script: Path, mode: str, folder: Path, *dtypes: str) -> subprocess.Popen:
     env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, str(script), mode, dtype, str(ckpt), str(out), str(marker)],
+    return subprocess.Popen([sys.executable, str(script), mode, str(folder), *dtypes],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -79,47 +83,42 @@ def _finish(proc: subprocess.Popen, timeout: float = 120) -> None:
 def test_sigkilled_run_resumes_bit_identical(tmp_path: Path) -> None:
     """float32 and float64, CPU: kill -9 in the middle of epoch 1, resume in a new process, compare with a third.
 
-    The children of both dtypes run side by side (each spends most of its few seconds importing torch).
+    Four processes, each spending most of its few seconds importing torch: one killed run per dtype, then one
+    process resuming both; meanwhile one process runs both dtypes straight through.
     """
     script = tmp_path / "child.py"
     script.write_text(CHILD)
     t0 = time.perf_counter()
     dtypes = ("float32", "float64")
-    paths = {dt: {name: tmp_path / f"{dt}_{name}" for name in ("ckpt.pt", "straight.pt", "spare.pt", "killed_out.pt",
-                                                              "resumed_out.pt", "straight_out.pt", "marker")}
-             for dt in dtypes}
-    straight = {dt: _child(script, "straight", dt, p["straight.pt"], p["straight_out.pt"], p["spare.pt"])
-                for dt, p in paths.items()}
-    killed = {dt: _child(script, "killed", dt, p["ckpt.pt"], p["killed_out.pt"], p["marker"]) for dt, p in paths.items()}
-    resumed = {}
+    straight = _child(script, "straight", tmp_path, *dtypes)
+    killed = {dt: _child(script, "killed", tmp_path, dt) for dt in dtypes}
     deadline = time.monotonic() + 180
-    while len(resumed) < len(dtypes):
-        for dt, proc in killed.items():
-            if dt in resumed:
-                continue
-            if not paths[dt]["marker"].exists():
+    while killed:
+        for dt, proc in list(killed.items()):
+            if not (tmp_path / f"{dt}_marker").exists():
                 assert proc.poll() is None, proc.communicate()
                 continue
             # the child is now inside a step of epoch 1, after writing the checkpoint of epoch 0
-            assert paths[dt]["ckpt.pt"].exists()
+            ckpt = tmp_path / f"{dt}_run.pt"
+            assert ckpt.exists()
             proc.send_signal(signal.SIGKILL)
             proc.wait(timeout=30)
             assert proc.returncode == -signal.SIGKILL
-            assert not paths[dt]["killed_out.pt"].exists()
-            saved = torch.load(paths[dt]["ckpt.pt"], weights_only=True)["training"]
+            assert not (tmp_path / f"{dt}_killed_out.pt").exists()
+            saved = torch.load(ckpt, weights_only=True)["training"]
             assert saved["loop"]["next_epoch"] == 1 and saved["runner"]["position"] == 0  # the state after epoch 0
             print(f"{dt}: killed after {time.perf_counter() - t0:.1f} s")
-            resumed[dt] = _child(script, "resumed", dt, paths[dt]["ckpt.pt"], paths[dt]["resumed_out.pt"],
-                                 paths[dt]["spare.pt"])
+            del killed[dt]
         assert time.monotonic() < deadline, "a child never reached the middle of epoch 1"
         time.sleep(0.02)
-    for proc in [*straight.values(), *resumed.values()]:
-        _finish(proc)
-    print(f"all six children done after {time.perf_counter() - t0:.1f} s")
+    resumed = _child(script, "resumed", tmp_path, *dtypes)
+    _finish(resumed)
+    _finish(straight)
+    print(f"all four children done after {time.perf_counter() - t0:.1f} s")
 
     for dt in dtypes:
-        a = torch.load(paths[dt]["straight_out.pt"], weights_only=True)
-        b = torch.load(paths[dt]["resumed_out.pt"], weights_only=True)
+        a = torch.load(tmp_path / f"{dt}_straight_out.pt", weights_only=True)
+        b = torch.load(tmp_path / f"{dt}_resumed_out.pt", weights_only=True)
         assert a["state"].keys() == b["state"].keys()
         for key in a["state"]:
             assert torch.equal(a["state"][key], b["state"][key]), (dt, key)
