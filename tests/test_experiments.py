@@ -58,7 +58,8 @@ def test_help_runs_as_a_module():
     out = subprocess.run([sys.executable, "-m", "relgrad.experiments", "--help"],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    for flag in ("--dataset", "--max-minutes", "--method", "--quick", "--batch-size", "--download"):
+    for flag in ("--dataset", "--max-minutes", "--method", "--quick", "--batch-size", "--download", "--resume",
+                 "--checkpoint"):
         assert flag in out.stdout
 
 
