@@ -196,7 +196,7 @@ def minibatch_indices(n: int, batch_size: int, rng: np.random.Generator, *, drop
 
 
 def check_loss(value: float, *, epoch: int, step: int, limit: float = LOSS_LIMIT) -> None:
-    """Stop training with :class:`TrainingDivergedError` when a loss is NaN, infinite or beyond ``limit``.
+    """Stop training with :class:`~relgrad.errors.TrainingDivergedError` when a loss is NaN, infinite or beyond ``limit``.
 
     A flow whose loss explodes usually has a weight matrix drifting towards singularity or a learning rate
     that is too large; the message says so, so the user knows what to change.
@@ -249,7 +249,7 @@ def validation_score(evaluate: Callable[[], float], *, epoch: int) -> float:
     A weight matrix that became singular (:class:`~relgrad.errors.SingularWeightError`), a failed
     factorisation (``torch.linalg.LinAlgError`` / ``numpy.linalg.LinAlgError``, e.g. an ill-conditioned ``W``
     on CUDA) or a non-finite score all mean training went off the rails; each raises
-    :class:`TrainingDivergedError`.
+    :class:`~relgrad.errors.TrainingDivergedError`.
     """
     try:
         score = float(evaluate())
@@ -338,7 +338,7 @@ def run_epochs(
       epochs are then numbered 1..epochs, otherwise 0..epochs-1.  ``epochs`` counts training epochs.
     * ``resume``: a :class:`LoopState` from a checkpoint (the twin has already restored its own state);
       the run continues at ``resume.next_epoch`` up to the same last epoch an uninterrupted run would reach.
-    * ``on_divergence``: ``"raise"`` re-raises :class:`TrainingDivergedError` (after restoring the best
+    * ``on_divergence``: ``"raise"`` re-raises :class:`~relgrad.errors.TrainingDivergedError` (after restoring the best
       parameters); ``"stop"`` records it (``stopped_by="diverged"``, ``error``) and returns the history.
 
     The best epoch's parameters are restored at the end, whatever stopped the run.

@@ -195,14 +195,7 @@ def _private_uses(module: str) -> List[str]:
     return found
 
 
-# Being fixed (the torch layer work): torch/train.py imports `_training_loss` from torch/gradients.py, and
-# bench/steps.py `_data_loss`, `_plain_layer` and `_training_loss`.  Not strict, so each reports XPASS once fixed.
-KNOWN_PRIVATE_IMPORTS = {"relgrad.torch.train", "relgrad.bench.steps"}
-
-
-@pytest.mark.parametrize("module", [
-    pytest.param(m, marks=pytest.mark.xfail(reason="being fixed", strict=False)) if m in KNOWN_PRIVATE_IMPORTS
-    else m for m in MODULES])
+@pytest.mark.parametrize("module", MODULES)
 def test_no_private_names_from_other_modules(module: str) -> None:
     offenders = _private_uses(module)
     assert not offenders, f"{module} uses private names of other relgrad modules (make them public there): {offenders}"

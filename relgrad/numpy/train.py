@@ -139,7 +139,7 @@ _WHAT_TO_DO = (
 
 
 def _read_checkpoint(path: PathLike) -> dict:
-    """Load and validate the arrays of a checkpoint file; :class:`CheckpointError` if it is not one of ours."""
+    """Load and validate the arrays of a checkpoint file; :class:`~relgrad.errors.CheckpointError` if it is not one of ours."""
     try:
         with np.load(path, allow_pickle=False) as data:
             stored = {key: data[key] for key in data.files}
@@ -183,8 +183,8 @@ def load_checkpoint(model: Optional[DenseFlow], path: PathLike) -> DenseFlow:
 
     Reads files of :func:`save_checkpoint` and the training checkpoints of ``fit(checkpoint_path=...)`` (which
     hold the best parameters so far).  With ``model=None`` a fresh :class:`DenseFlow` (float64) is built from
-    the stored metadata.  A model of another dimension, depth or alpha raises :class:`CheckpointError` naming
-    the mismatch; a damaged or truncated file raises :class:`CheckpointError` naming the file.
+    the stored metadata.  A model of another dimension, depth or alpha raises :class:`~relgrad.errors.CheckpointError` naming
+    the mismatch; a damaged or truncated file raises :class:`~relgrad.errors.CheckpointError` naming the file.
 
     Shapes:
         returns the model, with L weights ``(D, D)`` and L biases ``(D,)`` from the file.

@@ -22,7 +22,7 @@ from .flow import DenseFlow, LogLikelihoodTerms, Trace
 from .functions import sigma_and_log_det
 from .gradients import data_loss, deltas, gradients, loss_and_gradients, training_loss, unwrap
 from .nn import RULES, RelativeConv1x1, RelativeLinear, SmoothLeakyReLU
-from .train import fit, load_checkpoint, save_checkpoint
+from .train import fit, load_checkpoint, make_adam, mean_log_likelihood, save_checkpoint
 
 __all__ = [
     "DEFAULT_ALPHA",
@@ -46,6 +46,8 @@ __all__ = [
     "training_loss",
     "unwrap",
     "fit",
+    "make_adam",
+    "mean_log_likelihood",
     "save_checkpoint",
     "load_checkpoint",
 ]

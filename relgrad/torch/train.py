@@ -51,7 +51,7 @@ def make_adam(params: Iterable[torch.nn.Parameter], lr: float = 1e-3) -> torch.o
     The fused kernel updates every parameter in one launch (CUDA) or one loop (CPU); torch rejects it at
     construction for unsupported devices/dtypes (or old versions), and then the default implementation is used.
     The fused kernel also skips a step on the device when told that the gradients are not finite, which
-    :func:`fit` uses (no host synchronisation per step).
+    :func:`~relgrad.torch.fit` uses (no host synchronisation per step).
 
     Shapes:
         params: parameters of any shapes (all on one device, one dtype).
@@ -218,7 +218,7 @@ class _TorchEpochs:
       keep NaN) whenever ``alive`` is 0, so it only ever sees finite gradients below the limit, and its state
       stays finite.
     * Every ``check_every`` steps, at a time cut and at the end of the epoch, the rows are read back (one
-      synchronisation); the first bad row raises :class:`TrainingDivergedError` naming its epoch and step,
+      synchronisation); the first bad row raises :class:`~relgrad.errors.TrainingDivergedError` naming its epoch and step,
       exactly as the synchronised check did, and :func:`run_epochs` restores the best parameters.
 
     For a run without bad steps the arithmetic is that of the synchronised loop: the gradients reach the
@@ -530,8 +530,8 @@ def fit(
       ``evaluate_initial`` must match; ``epochs``, ``patience`` and ``max_seconds`` may change.
     * ``max_seconds``: wall-clock budget; may stop mid-epoch (that epoch is evaluated, marked partial).
     * ``evaluate_initial``: evaluate the untrained model as epoch 0 (training epochs are then 1..epochs).
-    * ``on_epoch_end(record, history)``: called after each evaluated epoch (an :class:`EpochRecord`).
-    * ``optimizer``: a function ``params -> torch.optim.Optimizer`` (default: :func:`make_adam` with ``lr``).
+    * ``on_epoch_end(record, history)``: called after each evaluated epoch (an :class:`~relgrad.training.EpochRecord`).
+    * ``optimizer``: a function ``params -> torch.optim.Optimizer`` (default: :func:`~relgrad.torch.make_adam` with ``lr``).
     * ``progress``: True/False shows/hides the epoch bar, None honours ``TQDM_DISABLE``; ``batch_progress``
       the same for a bar per epoch over its minibatches (default off); ``log_every > 0`` prints a line every
       that many epochs.  Epochs are numbered from 0.
