@@ -97,6 +97,15 @@ def load_dataset(
 
     Shapes:
         every part is ``(N_part, D)`` float64; ``D = 2`` for toys, 64 for digits, 784 for (Fashion-)MNIST.
+
+    Examples:
+        >>> from relgrad.datasets import load_dataset
+        >>> split = load_dataset("moons", rng=0, sizes=(100, 20, 30))
+        >>> split.sizes, split.dim, split.info
+        ((100, 20, 30), 2, {'name': 'moons', 'space': 'data'})
+        >>> train, val, test = split
+        >>> train.shape, train.dtype
+        ((100, 2), dtype('float64'))
     """
     key = resolve_name(name, DATASETS)
     gen = as_generator(rng)

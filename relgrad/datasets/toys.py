@@ -129,6 +129,18 @@ def sample_toy(name: str, n: int, rng: RNGLike = None) -> np.ndarray:
 
     Shapes:
         returns ``(n, 2)``, float64, one point per row.
+
+    Examples:
+        >>> import numpy as np
+        >>> from relgrad.datasets import sample_toy
+        >>> sample_toy("2spirals", 500, rng=0).shape
+        (500, 2)
+        >>> np.array_equal(sample_toy("rings", 4, rng=1), sample_toy("rings", 4, rng=1))
+        True
+        >>> sample_toy("moon", 10)
+        Traceback (most recent call last):
+            ...
+        relgrad.errors.UnknownDatasetError: unknown toy dataset 'moon'. Did you mean 'moons'? ...
     """
     key = resolve_name(name, TOY_DATASETS, "toy dataset")
     return np.ascontiguousarray(_TOYS[key](check_count(n), as_generator(rng)), dtype=np.float64)

@@ -52,6 +52,13 @@ def sigma(u: ArrayLike, alpha: float = DEFAULT_ALPHA) -> np.ndarray:
 
     Shapes:
         u: any shape ``(...)``; returns the same shape.
+
+    Examples:
+        >>> from relgrad.numpy import sigma
+        >>> sigma([-1.0, 0.0, 1.0]).round(4)
+        array([-0.0807,  0.4852,  1.2193])
+        >>> round(float(sigma(0)), 4)                 # (1 - alpha) log 2; an int is promoted to float64
+        0.4852
     """
     a = check_alpha(alpha)
     u = _as_float_array(u)
@@ -112,6 +119,15 @@ def sigma_inverse(v: ArrayLike, alpha: float = DEFAULT_ALPHA, *, max_iter: int =
 
     Shapes:
         v: any shape ``(...)``; returns the same shape.
+
+    Examples:
+        >>> import numpy as np
+        >>> from relgrad.numpy import sigma, sigma_inverse
+        >>> u = np.array([-50.0, -1.0, 0.0, 3.0, 1e6])
+        >>> np.allclose(sigma_inverse(sigma(u)), u)
+        True
+        >>> sigma_inverse([-np.inf, np.nan, np.inf])
+        array([-inf,  nan,  inf])
     """
     a = check_alpha(alpha)
     v = _as_float_array(v)

@@ -30,6 +30,13 @@ def sigma(u: torch.Tensor, alpha: float = DEFAULT_ALPHA) -> torch.Tensor:
 
     Shapes:
         u: any shape; returns the same shape.
+
+    Examples:
+        >>> import torch, relgrad.torch as rt
+        >>> [round(v, 4) for v in rt.sigma(torch.tensor([-1.0, 0.0, 1.0])).tolist()]
+        [-0.0807, 0.4852, 1.2193]
+        >>> rt.sigma(torch.zeros(2, 3), alpha=0.5).shape        # elementwise: the input's shape
+        torch.Size([2, 3])
     """
     a = check_alpha(alpha)
     return a * u + (1.0 - a) * _softplus(u)
@@ -81,6 +88,14 @@ def sigma_inverse(v: torch.Tensor, alpha: float = DEFAULT_ALPHA, *, max_iter: in
 
     Shapes:
         v: any shape; returns the same shape.
+
+    Examples:
+        >>> import torch, relgrad.torch as rt
+        >>> u = torch.tensor([-50.0, -1.0, 0.0, 3.0, 1e4])
+        >>> torch.allclose(rt.sigma_inverse(rt.sigma(u)), u, atol=1e-5)
+        True
+        >>> rt.sigma_inverse(torch.tensor([float("-inf"), float("inf")]))
+        tensor([-inf, inf])
     """
     a = check_alpha(alpha)
     u = torch.where(v >= 0, v, v / a)
