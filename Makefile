@@ -24,6 +24,7 @@ help:
 	@echo "make sync   regenerate setup cells and .ipynb twins from the .md sources"
 	@echo "make student  write student notebooks (nbgrader-ready) into _build/student (see book/instructors.md)"
 	@echo "make colab  rehearse Colab offline: a fresh venv with only Colab's packages, every chapter run from a clone of HEAD"
+	@echo "            (chapters with self-checks as their solution notebook, then every student notebook)"
 	@echo "make clean  remove _build"
 
 $(PY):

@@ -1,8 +1,18 @@
 """tools/make_assignments.py: student notebooks run (only stubs raise), solutions pass every check,
-output is deterministic and carries well-formed nbgrader metadata."""
+output is deterministic and carries well-formed nbgrader metadata.
+
+Where the notebooks are executed: the Colab rehearsal (`make colab`, a CI stage) runs every student notebook
+and, for every chapter with a self-check, the solution notebook in place of the plain chapter, in the
+Colab-like environment where students run them, with the rules of tools/colab_rehearsal.py
+(``student_problems``, ``solution_problems``, ``coverage_problems``). Running them here as well would
+execute each of those chapters twice more in CI, so the two execution tests below are skipped unless
+``RELGRAD_RUN_ASSIGNMENTS=1`` (they then apply the same rules in the book's environment). Everything that
+needs no kernel is checked here always.
+"""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -12,20 +22,36 @@ from nbclient import NotebookClient
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
+import colab_rehearsal as rehearsal  # noqa: E402
 import make_assignments as ma  # noqa: E402
 
 # Every chapter with exercises gets a student notebook; those with a self-check cell (an autograded
 # exercise) are also run with the reference solutions (for the others that run is the chapter itself,
 # which nbval executes).
-CHAPTERS = sorted(p.stem for p in (ROOT / "book").glob("*.md") if "````{exercise}" in p.read_text())
-CHECKED = [c for c in CHAPTERS if ":tags: [self-check]" in (ROOT / "book" / f"{c}.md").read_text()]
+SOURCES = {p.stem: p.read_text() for p in sorted((ROOT / "book").glob("*.md"))}
+CHAPTERS = sorted(n for n, text in SOURCES.items() if rehearsal.has_exercise(text))
+CHECKED = [c for c in CHAPTERS if rehearsal.has_self_check(SOURCES[c])]
+
+RUN = os.environ.get("RELGRAD_RUN_ASSIGNMENTS") == "1"
+executes = pytest.mark.skipif(not RUN, reason="executed by the Colab rehearsal (make colab); "
+                                              "RELGRAD_RUN_ASSIGNMENTS=1 runs it here too")
 
 
-def _generate(tmp_path: Path, name: str, with_solutions: bool) -> Path:
-    out = tmp_path / ("sol" if with_solutions else "stu")
+def _generate(out: Path, with_solutions: bool) -> Path:
     args = [str(ROOT / "book" / f"{c}.md") for c in CHAPTERS] + ["--out", str(out)]
     assert ma.main(args + (["--with-solutions"] if with_solutions else [])) == 0
-    return out / f"{name}.ipynb"
+    return out
+
+
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory) -> dict:
+    """Student ('stu') and solution ('sol') notebooks of every chapter with exercises, written once."""
+    base = tmp_path_factory.mktemp("assignments")
+    return {"stu": _generate(base / "stu", False), "sol": _generate(base / "sol", True)}
+
+
+def _read(generated, kind: str, name: str):
+    return nbformat.read(generated[kind] / f"{name}.ipynb", as_version=4)
 
 
 def _execute(path: Path):
@@ -35,62 +61,64 @@ def _execute(path: Path):
     return nb
 
 
-def _errors(nb):
-    return [(k, c) for k, c in enumerate(nb.cells) if c.cell_type == "code"
-            and any(o.get("output_type") == "error" for o in c.get("outputs", []))]
-
-
 def _book_raising_sources(name: str) -> set:
     """Sources of the chapter's own cells tagged raises-exception (demonstrations of errors)."""
-    nb = ma.jupytext.read(ROOT / "book" / f"{name}.md")
-    return {c.source for c in nb.cells if "raises-exception" in c.get("metadata", {}).get("tags", [])}
+    return rehearsal.raising_sources(ma.jupytext.read(ROOT / "book" / f"{name}.md"))
 
 
-def _stdout(cell) -> str:
-    return "".join(o.get("text", "") for o in cell.get("outputs", []) if o.get("output_type") == "stream")
+def test_every_chapter_with_exercises_has_notebooks(generated):
+    assert CHAPTERS and CHECKED
+    assert sorted(p.stem for p in generated["stu"].glob("*.ipynb")) == CHAPTERS
+    assert sorted(p.stem for p in generated["sol"].glob("*.ipynb")) == CHAPTERS
 
 
 @pytest.mark.parametrize("name", CHAPTERS)
-def test_student_notebook_raises_only_in_tagged_cells(tmp_path, name):
-    nb = _execute(_generate(tmp_path, name, with_solutions=False))
-    errors = _errors(nb)
-    assert errors, "the stubs should raise somewhere"
-    for k, cell in errors:
-        assert "raises-exception" in cell.metadata.get("tags", []), (k, cell.source)
-    # outside the chapter's own demonstrations of errors, only stubs and their checks raise
-    exercise_errors = [c for _, c in errors if "nbgrader" in c.metadata]
-    assert exercise_errors
-    for cell in exercise_errors:
-        text = "".join("".join(o.get("traceback", [])) + o.get("evalue", "") for o in cell.outputs)
-        assert "NotImplementedError" in text or "not implemented yet" in text, cell.source
-    assert not [c for _, c in errors if "nbgrader" not in c.metadata
-                and c.source not in _book_raising_sources(name)]
+def test_student_notebook_has_stubs_and_no_solutions(generated, name):
+    """What the student rule checks without a kernel (the run itself: test_student_notebook_raises_only_in_tagged_cells)."""
+    nb = _read(generated, "stu", name)
+    stubs = [c for c in nb.cells if c.metadata.get("nbgrader", {}).get("solution")]
+    assert stubs and all("raises-exception" in c.metadata.get("tags", []) for c in stubs)
+    assert all("NotImplementedError" in c.source for c in stubs)
     assert "### BEGIN SOLUTION" not in nbformat.writes(nb)
     assert "solution-start" not in nbformat.writes(nb)
 
 
 @pytest.mark.parametrize("name", CHECKED)
-def test_with_solutions_every_check_passes(tmp_path, name):
-    nb = _execute(_generate(tmp_path, name, with_solutions=True))
-    assert [c.source for _, c in _errors(nb) if c.source not in _book_raising_sources(name)] == []
-    graded = [c for c in nb.cells if c.metadata.get("nbgrader", {}).get("grade")]
+def test_solution_notebook_is_the_chapter_with_strict_checks(generated, name):
+    """The Colab rehearsal runs this notebook in place of the chapter: it must hold every code cell of it."""
+    sol = _read(generated, "sol", name)
+    assert rehearsal.coverage_problems(nbformat.read(ROOT / "book" / f"{name}.ipynb", as_version=4), sol) == []
+    graded = [c for c in sol.cells if c.metadata.get("nbgrader", {}).get("grade")]
     assert graded, "at least one autograded check"
-    for cell in graded:
-        assert "strict=True" in cell.source
-        assert _stdout(cell).startswith("✓ "), _stdout(cell)
+    assert all("strict=True" in c.source for c in graded)
 
 
-def test_deterministic(tmp_path):
+@executes
+@pytest.mark.parametrize("name", CHAPTERS)
+def test_student_notebook_raises_only_in_tagged_cells(generated, name):
+    nb = _execute(generated["stu"] / f"{name}.ipynb")
+    assert rehearsal.student_problems(nb, _book_raising_sources(name)) == []
+
+
+@executes
+@pytest.mark.parametrize("name", CHECKED)
+def test_with_solutions_every_check_passes(generated, name):
+    nb = _execute(generated["sol"] / f"{name}.ipynb")
+    raising = _book_raising_sources(name)
+    assert [c.source for _, c in rehearsal._error_cells(nb) if c.source not in raising] == []
+    assert rehearsal.solution_problems(nb) == []
+
+
+def test_deterministic(generated, tmp_path):
+    for kind, sol in (("stu", False), ("sol", True)):
+        again = _generate(tmp_path / kind, sol)
+        for name in CHAPTERS:
+            assert (again / f"{name}.ipynb").read_bytes() == (generated[kind] / f"{name}.ipynb").read_bytes(), name
+
+
+def test_nbgrader_metadata(generated):
     for name in CHAPTERS:
-        for sol in (False, True):
-            a = _generate(tmp_path / "a", name, sol).read_bytes()
-            b = _generate(tmp_path / "b", name, sol).read_bytes()
-            assert a == b
-
-
-def test_nbgrader_metadata(tmp_path):
-    for name in CHAPTERS:
-        nb = nbformat.read(_generate(tmp_path, name, with_solutions=False), as_version=4)
+        nb = _read(generated, "stu", name)
         nbformat.validate(nb)
         ids = [c.metadata["nbgrader"]["grade_id"] for c in nb.cells if "nbgrader" in c.metadata]
         assert len(ids) == len(set(ids)), "grade_id must be unique"
@@ -111,8 +139,8 @@ def test_nbgrader_metadata(tmp_path):
         assert [i[:-len("-solution")] for i in ids if i.endswith("-solution")] == labels
 
 
-def test_statements_and_roles_are_plain_markdown(tmp_path):
-    nb = nbformat.read(_generate(tmp_path, "sampling", with_solutions=False), as_version=4)
+def test_statements_and_roles_are_plain_markdown(generated):
+    nb = _read(generated, "stu", "sampling")
     statements = [c for c in nb.cells if c.metadata.get("nbgrader", {}).get("grade_id", "").endswith("-statement")]
     assert [c.source.split("\n")[0] for c in statements][-2:] == [
         "### Exercise: Newton's inverse from scratch", "### Exercise: A sampler that factorises once"]

@@ -146,10 +146,110 @@ def test_stand_in_kernel_takes_the_colab_branch(tmp_path: Path) -> None:
     assert out.cells[1].outputs[0]["ename"] == "ZeroDivisionError"
 
 
+# ------------------------------------------------------------------------- student and solution notebooks
+def code(source: str, tags=(), nbgrader=None, outputs=()) -> nbformat.NotebookNode:
+    meta = {"tags": list(tags)} if tags else {}
+    if nbgrader is not None:
+        meta["nbgrader"] = nbgrader
+    cell = nbformat.v4.new_code_cell(source, metadata=meta)
+    cell.outputs = [nbformat.from_dict(o) for o in outputs]
+    cell.execution_count = 1
+    return cell
+
+
+def notebook(*cells) -> nbformat.NotebookNode:
+    nb = nbformat.v4.new_notebook()
+    nb.cells = list(cells)
+    return nb
+
+
+STUB_ERROR = {"output_type": "error", "ename": "NotImplementedError", "evalue": "Exercise ex-a: your code here",
+              "traceback": ["\x1b[31mNotImplementedError\x1b[0m: Exercise ex-a: your code here"]}
+CHECK_ERROR = {"output_type": "error", "ename": "AssertionError", "evalue": "f (exercise ex-a): not implemented yet",
+               "traceback": []}
+SOLUTION = {"solution": True, "grade": False, "locked": False, "grade_id": "ex-a-solution", "schema_version": 3}
+GRADED = {"grade": True, "solution": False, "locked": True, "points": 1, "grade_id": "ex-a-check", "schema_version": 3}
+RAISES = ["raises-exception"]
+
+
+def test_student_rule_allows_only_stubs_and_the_chapters_own_demonstrations() -> None:
+    demo = "1 / 0"
+    good = notebook(code("x = 1"), code(demo, RAISES, outputs=[ERROR]),
+                    code("f()", RAISES, SOLUTION, outputs=[STUB_ERROR]),
+                    code("assert check_a(f, strict=True)", RAISES, GRADED, outputs=[CHECK_ERROR]))
+    assert rehearsal.student_problems(good, {demo}) == []
+    text = "\n".join(rehearsal.student_problems(good, set()))  # the demonstration is not the chapter's
+    assert "cell 1 raised, and it is neither an exercise cell nor one of the chapter's" in text
+    untagged = notebook(code("f()", (), SOLUTION, outputs=[STUB_ERROR]), code("y = 2", outputs=[ERROR]))
+    text = "\n".join(rehearsal.student_problems(untagged, set()))
+    assert "cell 0 raised but is not tagged raises-exception" in text and "cell 1 raised" in text
+    wrong = notebook(code("f()", RAISES, SOLUTION, outputs=[ERROR]))
+    assert "raised something other than the stub's NotImplementedError" in rehearsal.student_problems(wrong, set())[0]
+    assert rehearsal.student_problems(notebook(code("x = 1")), set()) == ["no cell raised: the stubs should raise somewhere"]
+    leaked = notebook(code("### BEGIN SOLUTION\nf()", RAISES, SOLUTION, outputs=[STUB_ERROR]))
+    assert rehearsal.student_problems(leaked, set()) == ["the student notebook still contains '### BEGIN SOLUTION'"]
+
+
+def test_solution_rule_needs_a_strict_check_that_prints_a_tick() -> None:
+    tick = {"output_type": "stream", "name": "stdout", "text": "✓ f (exercise ex-a): right\n"}
+    cross = {"output_type": "stream", "name": "stdout", "text": "✗ f (exercise ex-a): off by one\n"}
+    assert rehearsal.solution_problems(notebook(code("assert check_a(f, strict=True)", (), GRADED, [tick]))) == []
+    assert rehearsal.solution_problems(notebook(code("x = 1"))) == ["no autograded check cell"]
+    bad = rehearsal.solution_problems(notebook(code("assert check_a(f)", (), GRADED, [cross])))
+    assert "does not call its check with strict=True" in bad[0] and "did not print '✓ '" in bad[1] and "off by one" in bad[1]
+
+
+def test_solution_notebook_must_hold_every_code_cell_of_the_chapter() -> None:
+    chapter = notebook(code("setup()", ["setup"]), code("### BEGIN SOLUTION\nf = 1\n### END SOLUTION", ["x"]),
+                       code("assert check_a(f)", ["self-check"]), code("1 / 0", RAISES))
+    solution = notebook(code("setup()", ["setup"]), code("### BEGIN SOLUTION\nf = 1\n### END SOLUTION", ["x"], SOLUTION),
+                        code("assert check_a(f, strict=True)", (), GRADED),
+                        code('print("no automatic check")', (), {"grade": False}), code("1 / 0", RAISES))
+    assert rehearsal.coverage_problems(chapter, solution) == []
+    dropped = notebook(*solution.cells[:3])
+    assert rehearsal.coverage_problems(chapter, dropped) == ["code cell 3 of the chapter is not in the solution notebook: 1 / 0"]
+    retagged = notebook(*solution.cells[:4], code("1 / 0"))
+    assert "has tags ['raises-exception'] in the chapter but [] in the solution notebook" in \
+        rehearsal.coverage_problems(chapter, retagged)[0]
+    extra = notebook(solution.cells[0], code("other = 2"), *solution.cells[1:])
+    assert rehearsal.coverage_problems(chapter, extra) == [
+        "the solution notebook has a code cell that is not in the chapter: other = 2"]
+    assert rehearsal.has_exercise("````{exercise} Title\n:label: ex-a\n````") and not rehearsal.has_exercise("# x")
+    assert rehearsal.has_self_check("```{code-cell} ipython3\n:tags: [self-check]\n")
+
+
+def test_student_notebook_runs_with_errors_allowed(tmp_path: Path) -> None:
+    """allow_errors=True: every cell runs and the caller judges the errors (result.nb)."""
+    stub = tmp_path / "stub"
+    rehearsal.write_stand_ins(stub)
+    kernels = rehearsal.write_kernelspec(tmp_path / "kernels", Path(sys.executable), stub, {})
+    path = tmp_path / "stu.ipynb"
+    nbformat.write(notebook(code('raise NotImplementedError("Exercise ex-a: your code here")', RAISES, SOLUTION),
+                            code("y = 2"), code("print(y)")), path)
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    venv = Path(sys.executable).parent.parent
+    res = rehearsal.run_notebook(path, kernels, rehearsal.clean_env(venv, tmp_path), cwd, timeout=60, allow_errors=True)
+    assert res.ok and res.nb.cells[2].outputs[0]["text"] == "2\n"
+    assert rehearsal.student_problems(res.nb, set()) == []
+
+
+def test_prepared_venv_is_taken_once_and_only_when_it_matches(tmp_path: Path) -> None:
+    venv = tmp_path / "venv"
+    key = rehearsal.venv_key(sys.executable, "torch==2.13.0\n")
+    assert rehearsal.take_prepared_venv(venv, key) == "no prepared venv"
+    venv.mkdir()
+    (venv / rehearsal.VENV_MARKER).write_text(__import__("json").dumps(key))
+    assert "prepared for" in rehearsal.take_prepared_venv(venv, rehearsal.venv_key(sys.executable, "torch==2.12.0\n"))
+    assert rehearsal.take_prepared_venv(venv, key) is None
+    assert "used before" in rehearsal.take_prepared_venv(venv, key)
+
+
 def test_rehearsal_help() -> None:
     proc = subprocess.run([sys.executable, str(ROOT / "tools" / "colab_rehearsal.py"), "--help"],
                           capture_output=True, text=True)
     assert proc.returncode == 0 and "--source" in proc.stdout and "google.colab" in proc.stdout
+    assert "--no-assignments" in proc.stdout and "--prepare-venv" in proc.stdout
 
 
 # ------------------------------------------------------------------------------------------ link checker

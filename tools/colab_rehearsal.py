@@ -21,6 +21,14 @@ torch and numpy alone), or when anything other than relgrad was added (a declare
 was missing is reported but allowed). A chapter fails on any cell error, except in cells tagged
 ``raises-exception``, which must raise.
 
+Course material runs here too, where students run it (tools/make_assignments.py of the clone writes it):
+a chapter with self-check cells runs as its *solution notebook*, which is the whole chapter (checked: every
+code cell, in order, same tags) with each self-check made strict, and every autograded check must print
+"✓" (the reference solutions pass); then every chapter with exercises runs as its *student notebook*, in
+which only the stubs (and the chapter's own ``raises-exception`` cells) may raise. ``--no-assignments``
+runs the plain chapters only. (tests/test_assignments.py runs the same checks in the book's environment
+when RELGRAD_RUN_ASSIGNMENTS=1.)
+
 By default the rehearsal uses the committed state of the checkout (HEAD; on branch main that is exactly what
 Colab opens), cloned into a repository whose branch is named main (``repository.branch`` of _config.yml), so
 the setup cell's ``@main`` resolves as it will on GitHub. ``--ref`` picks another commit or branch.
@@ -31,6 +39,9 @@ Usage:
   python tools/colab_rehearsal.py                      # every chapter of main, committed state
   python tools/colab_rehearsal.py --source worktree    # include uncommitted changes (local testing)
   python tools/colab_rehearsal.py --chapters intro     # only some chapters
+  python tools/colab_rehearsal.py --no-assignments     # plain chapters, no student/solution notebooks
+  python3 tools/colab_rehearsal.py --prepare-venv --workdir W; python tools/colab_rehearsal.py --workdir W
+                                                       # the venv made first (CI: while it installs the book's)
 Exit status 0 when every chapter passed and the package check holds; 1 otherwise.
 """
 
@@ -258,6 +269,132 @@ def toc_order(toc: Mapping, names: Iterable[str]) -> List[str]:
     return [n for n in seen if n in wanted] + sorted(wanted - set(seen))
 
 
+# ------------------------------------------------------------------------- student and solution notebooks
+# tools/make_assignments.py writes, for every chapter with an exercise, a *student* notebook (solutions
+# replaced by stubs that raise NotImplementedError, a strict check after each exercise) and, with
+# --with-solutions, the *solution* notebook: the chapter's code cells, every one of them, with each
+# ``self-check`` cell turned into its strict version (``assert check_x(f, strict=True)``), plus read-only
+# cells for exercises without a check. The rehearsal runs both where students run them. The rules:
+#   student:  errors only in cells tagged raises-exception; the exercise cells (nbgrader metadata) raise
+#             because of the stubs (NotImplementedError / "not implemented yet"); any other error is one of
+#             the chapter's own raises-exception demonstrations; no solution text left in the notebook;
+#   solution: the chapter's rules (cell_problems) and every autograded cell calls its check with
+#             strict=True and prints "✓ ": the reference solutions pass every check.
+
+def has_exercise(md_text: str) -> bool:
+    """A chapter source with an ``{exercise}`` directive: make_assignments writes a student notebook for it."""
+    return "````{exercise}" in md_text
+
+
+def has_self_check(md_text: str) -> bool:
+    """A chapter source with a ``self-check`` cell: its solution notebook has autograded cells."""
+    return ":tags: [self-check]" in md_text
+
+
+def _tags(cell) -> List[str]:
+    return list(cell.get("metadata", {}).get("tags", []))
+
+
+def _error_cells(nb) -> List[Tuple[int, object]]:
+    return [(k, c) for k, c in enumerate(nb.cells) if c.get("cell_type") == "code"
+            and any(o.get("output_type") == "error" for o in c.get("outputs", []))]
+
+
+def _stdout(cell) -> str:
+    return "".join(o.get("text", "") for o in cell.get("outputs", []) if o.get("output_type") == "stream")
+
+
+def _short(source: str) -> str:
+    return source.strip().split("\n")[0][:80]
+
+
+def raising_sources(chapter_nb) -> set:
+    """Sources of the chapter's own code cells tagged ``raises-exception`` (demonstrations of errors)."""
+    return {c.get("source", "") for c in chapter_nb.cells
+            if c.get("cell_type") == "code" and RAISES_TAG in _tags(c)}
+
+
+def student_problems(nb, book_raising: Iterable[str]) -> List[str]:
+    """What is wrong with an executed student notebook (run with errors allowed); [] when nothing is."""
+    import nbformat
+
+    raising = set(book_raising)
+    problems = []
+    errors = _error_cells(nb)
+    if not errors:
+        problems.append("no cell raised: the stubs should raise somewhere")
+    for k, cell in errors:
+        if RAISES_TAG not in _tags(cell):
+            problems.append(f"cell {k} raised but is not tagged {RAISES_TAG}: {_short(cell.source)}")
+    exercise_errors = [(k, c) for k, c in errors if "nbgrader" in c.get("metadata", {})]
+    if errors and not exercise_errors:
+        problems.append("no exercise cell (nbgrader metadata) raised")
+    for k, cell in exercise_errors:
+        text = "".join("".join(o.get("traceback", [])) + o.get("evalue", "") for o in cell.get("outputs", []))
+        if "NotImplementedError" not in text and "not implemented yet" not in text:
+            problems.append(f"exercise cell {k} raised something other than the stub's NotImplementedError: "
+                            f"{_short(cell.source)}")
+    for k, cell in errors:
+        if "nbgrader" not in cell.get("metadata", {}) and cell.source not in raising:
+            problems.append(f"cell {k} raised, and it is neither an exercise cell nor one of the chapter's "
+                            f"raises-exception cells: {_short(cell.source)}")
+    text = nbformat.writes(nb)
+    for leftover in ("### BEGIN SOLUTION", "solution-start"):
+        if leftover in text:
+            problems.append(f"the student notebook still contains {leftover!r}")
+    return problems
+
+
+def solution_problems(nb) -> List[str]:
+    """What is wrong with an executed solution notebook beyond :func:`cell_problems`: every autograded cell
+    calls its check with ``strict=True`` and printed ``✓ ``; there is at least one."""
+    graded = [(k, c) for k, c in enumerate(nb.cells) if c.get("metadata", {}).get("nbgrader", {}).get("grade")]
+    problems = [] if graded else ["no autograded check cell"]
+    for k, cell in graded:
+        if "strict=True" not in cell.source:
+            problems.append(f"autograded cell {k} does not call its check with strict=True: {_short(cell.source)}")
+        out = _stdout(cell)
+        if not out.startswith("✓ "):
+            problems.append(f"autograded cell {k} did not print '✓ ' (the reference solution fails its check): "
+                            f"{out.strip()[:300] or 'no output'}")
+    return problems
+
+
+def _unstrict(source: str) -> str:
+    """A strict check cell read back as the book's cell: ``assert check_x(a, strict=True)`` -> ``check_x(a)``."""
+    lines = []
+    for line in source.split("\n"):
+        line = re.sub(r",\s*strict=True\)\s*$", ")", line)
+        lines.append(line[len("assert "):] if line.startswith("assert check_") else line)
+    return "\n".join(lines)
+
+
+def coverage_problems(chapter_nb, solution_nb) -> List[str]:
+    """The solution notebook must run the whole chapter: every code cell of the chapter, in order, with the
+    same tags, verbatim or (a ``self-check`` cell) as its strict version; its other code cells are nbgrader
+    cells. Then running it instead of the chapter loses nothing the chapter run checks."""
+    problems: List[str] = []
+    mine = [c for c in solution_nb.cells if c.get("cell_type") == "code"]
+    pos = 0
+    for k, cell in enumerate(c for c in chapter_nb.cells if c.get("cell_type") == "code"):
+        want, strict = cell.get("source", ""), "self-check" in _tags(cell)
+        while pos < len(mine):
+            got = mine[pos]
+            pos += 1
+            same = got.source == want or (strict and _unstrict(got.source) == _unstrict(want))
+            if same:
+                if not strict and sorted(_tags(got)) != sorted(_tags(cell)):
+                    problems.append(f"code cell {k} of the chapter has tags {_tags(cell)} in the chapter but "
+                                    f"{_tags(got)} in the solution notebook")
+                break
+            if "nbgrader" not in got.get("metadata", {}):
+                problems.append(f"the solution notebook has a code cell that is not in the chapter: {_short(got.source)}")
+        else:
+            problems.append(f"code cell {k} of the chapter is not in the solution notebook: {_short(want)}")
+            break
+    return problems
+
+
 # --------------------------------------------------------------------------------------------- side effects
 def log(msg: str = "") -> None:
     print(msg, flush=True)
@@ -350,6 +487,33 @@ def create_venv(base_python: str, venv: Path, pins: Sequence[str], constraints: 
     run([venv_python(venv), "-m", "pip", "install", "--quiet", "-c", constraints, *pins], env=env, capture=True)
 
 
+#: Written into a venv made by ``--prepare-venv``; a later run in the same --workdir takes the venv only when
+#: this matches (same base interpreter, same requirements.txt) and deletes it first, so a venv serves once.
+VENV_MARKER = ".prepared-by-colab-rehearsal.json"
+
+
+def venv_key(base_python: str, requirements: str) -> dict:
+    import hashlib
+    return {"base_python": os.path.realpath(base_python),
+            "requirements_sha256": hashlib.sha256(requirements.encode()).hexdigest()}
+
+
+def take_prepared_venv(venv: Path, key: Mapping[str, str]) -> Optional[str]:
+    """Use a venv left by ``--prepare-venv`` when it was made for ``key``: returns None when it is taken (its
+    marker removed), else why not (the caller then makes a fresh one)."""
+    marker = venv / VENV_MARKER
+    if not marker.is_file():
+        return "no prepared venv" if not venv.exists() else "a venv without the marker of --prepare-venv (used before?)"
+    try:
+        found = json.loads(marker.read_text())
+    except ValueError:
+        return "unreadable marker"
+    if found != dict(key):
+        return f"prepared for {found}, not {dict(key)}"
+    marker.unlink()
+    return None
+
+
 def pip_freeze(python: Path, env: Mapping[str, str]) -> str:
     return run([python, "-m", "pip", "freeze", "--all"], env=env, capture=True).stdout
 
@@ -384,6 +548,8 @@ class ChapterResult:
     problems: List[str] = field(default_factory=list)
     left_files: List[str] = field(default_factory=list)
     cells: int = 0
+    kind: str = "chapter"              # chapter | solution (the chapter with strict checks) | student
+    nb: object = field(default=None, repr=False)  # the executed notebook
 
     @property
     def ok(self) -> bool:
@@ -392,9 +558,13 @@ class ChapterResult:
 
 def run_notebook(path: Path, kernel_dirs: Path, env: Mapping[str, str], cwd: Path, timeout: int,
                  save_to: Optional[Path] = None, kernel_log: Optional[Path] = None,
-                 kernel_name: str = KERNEL_NAME) -> ChapterResult:
+                 kernel_name: str = KERNEL_NAME, allow_errors: bool = False) -> ChapterResult:
     """Execute one notebook in a fresh kernel from the rehearsal kernelspec, in ``cwd``; the kernel's own
-    stdout/stderr (not the cells' outputs) go to ``kernel_log``. The kernel is shut down afterwards."""
+    stdout/stderr (not the cells' outputs) go to ``kernel_log``. The kernel is shut down afterwards.
+
+    By default execution stops at the first error in a cell not tagged ``raises-exception`` and the result
+    carries :func:`cell_problems`; with ``allow_errors`` every cell runs and judging the errors is left to
+    the caller (the executed notebook is ``result.nb``)."""
     import nbformat
     from jupyter_client.kernelspec import KernelSpecManager
     from jupyter_client.manager import AsyncKernelManager
@@ -405,7 +575,8 @@ def run_notebook(path: Path, kernel_dirs: Path, env: Mapping[str, str], cwd: Pat
     nb = nbformat.read(path, as_version=4)
     result.cells = sum(1 for c in nb.cells if c.cell_type == "code")
     km = AsyncKernelManager(kernel_name=kernel_name, kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(kernel_dirs)]))
-    client = NotebookClient(nb, km=km, timeout=timeout, allow_errors=False, record_timing=True,
+    result.nb = nb
+    client = NotebookClient(nb, km=km, timeout=timeout, allow_errors=allow_errors, record_timing=True,
                             resources={"metadata": {"path": str(cwd)}})
     launch = {"env": dict(env), "cwd": str(cwd), "cleanup_kc": True}  # cleanup_kc: shut the kernel down after
     t = time.perf_counter()
@@ -422,7 +593,7 @@ def run_notebook(path: Path, kernel_dirs: Path, env: Mapping[str, str], cwd: Pat
     except Exception as exc:  # timeouts, a dead kernel, a kernel that never started
         result.problems.append(f"{type(exc).__name__}: {strip_ansi(str(exc))[-1500:]}")
     result.seconds = time.perf_counter() - t
-    if not result.problems:
+    if not result.problems and not allow_errors:
         result.problems.extend(cell_problems(nb))
     result.left_files = sorted(str(p.relative_to(cwd)) for p in cwd.rglob("*") if p.is_file())
     if save_to is not None:
@@ -434,6 +605,33 @@ def run_notebook(path: Path, kernel_dirs: Path, env: Mapping[str, str], cwd: Pat
 def wrap_list(items: Sequence[str], indent: str = "    ") -> str:
     return textwrap.fill(", ".join(items), width=110, initial_indent=indent, subsequent_indent=indent,
                          break_on_hyphens=False, break_long_words=False)
+
+
+def write_assignments(clone: Path, out: Path, names: Sequence[str]) -> Tuple[Dict[str, Path], Dict[str, Path], List[str]]:
+    """The clone's tools/make_assignments.py writes the student and the solution notebooks of every chapter
+    with an exercise into ``out/student`` and ``out/solution``. Returns ({name: solution notebook} for the
+    chapters among ``names`` with a self-check, {name: student notebook} for those with an exercise, problems)."""
+    tool = clone / "tools" / "make_assignments.py"
+    for kind, extra in (("student", []), ("solution", ["--with-solutions"])):
+        run([sys.executable, tool, "--out", out / kind, *extra], cwd=clone, capture=True)
+    solutions: Dict[str, Path] = {}
+    students: Dict[str, Path] = {}
+    problems: List[str] = []
+    for name in names:
+        md = clone / "book" / f"{name}.md"
+        text = md.read_text(encoding="utf-8") if md.is_file() else ""
+        student, solution = out / "student" / f"{name}.ipynb", out / "solution" / f"{name}.ipynb"
+        if has_exercise(text):
+            if student.is_file():
+                students[name] = student
+            else:
+                problems.append(f"book/{name}.md has an exercise but make_assignments wrote no student notebook")
+        if has_self_check(text):
+            if solution.is_file():
+                solutions[name] = solution
+            else:
+                problems.append(f"book/{name}.md has a self-check but make_assignments wrote no solution notebook")
+    return solutions, students, problems
 
 
 # ------------------------------------------------------------------------------------------------------- main
@@ -455,13 +653,53 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--pip-target", default=None,
                    help="value of RELGRAD_PIP_TARGET for the setup cells (default: 'relgrad @ git+file://localhost/CLONE@BRANCH'; "
                         "'{clone}' is replaced by the clone's path). For demonstrating failures.")
+    p.add_argument("--no-assignments", dest="assignments", action="store_false",
+                   help="run the chapters only; by default a chapter with self-checks runs as its solution notebook "
+                        "(the whole chapter, checks strict) and every chapter with exercises also as its student "
+                        "notebook (tools/make_assignments.py), as students run them")
+    p.add_argument("--prepare-venv", action="store_true",
+                   help="only create the rehearsal venv in --workdir (from requirements.txt of --ref, standard "
+                        "library only: runs before any other environment exists) and exit; the next run with the "
+                        "same --workdir uses it instead of creating one (CI overlaps it with its own install)")
     p.add_argument("--timeout", type=int, default=300, help="seconds per cell (default: 300, as _config.yml)")
     p.add_argument("--json", type=Path, help="also write the report as JSON to this file")
     return p.parse_args(argv)
 
 
+def requirements_text(repo: Path, commit: str, source: str) -> str:
+    if source == "worktree":
+        return (repo / "requirements.txt").read_text()
+    return git(repo, "show", f"{commit}:requirements.txt") + "\n"
+
+
+def prepare_venv(args: argparse.Namespace) -> int:
+    """--prepare-venv: the venv of Colab's packages alone, marked for the next run in the same --workdir."""
+    if args.workdir is None:
+        log("--prepare-venv needs --workdir (the run that uses the venv names the same folder)")
+        return 2
+    t = time.perf_counter()
+    repo, work = args.repo.resolve(), args.workdir.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    venv = work / "venv"
+    if venv.exists():
+        shutil.rmtree(venv)
+    requirements = requirements_text(repo, resolve_ref(repo, args.ref), args.source)
+    constraints = work / "prepared-requirements.txt"
+    constraints.write_text(requirements)
+    pins = pinned_versions(requirements, PREINSTALLED)
+    base_python = args.python or getattr(sys, "_base_executable", None) or sys.executable
+    log(f"--- prepare venv {venv} ({base_python}): {' '.join(pins)}")
+    create_venv(base_python, venv, pins, constraints, clean_env(venv, work))
+    (venv / VENV_MARKER).write_text(json.dumps(venv_key(base_python, requirements)))
+    log(f"    ({time.perf_counter() - t:.1f} s)")
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
+    if args.prepare_venv:
+        return prepare_venv(args)
+    import nbformat
     import yaml
 
     t_start = time.perf_counter()
@@ -474,7 +712,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="colab-rehearsal-")) if made_temp else args.workdir.resolve()
     work.mkdir(parents=True, exist_ok=True)
     clone, venv, stub = work / "repo", work / "venv", work / "colab-stub"
-    for path in (clone, venv, stub, work / "kernels", work / "chapters", work / "executed"):
+    assignments = work / "assignments"
+    for path in (clone, stub, work / "kernels", work / "chapters", work / "executed", assignments):
         if path.exists():
             shutil.rmtree(path)
     failures: List[str] = []
@@ -507,11 +746,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         step("clone", t)
 
         t = time.perf_counter()
-        pins = pinned_versions((clone / "requirements.txt").read_text(), PREINSTALLED)
+        requirements = (clone / "requirements.txt").read_text()
+        pins = pinned_versions(requirements, PREINSTALLED)
         base_python = args.python or getattr(sys, "_base_executable", None) or sys.executable
         env = clean_env(venv, work)
         log(f"--- venv ({base_python}) with what Colab preinstalls: {' '.join(pins)}")
-        create_venv(base_python, venv, pins, clone / "requirements.txt", env)
+        why_not = take_prepared_venv(venv, venv_key(base_python, requirements))
+        if why_not is None:
+            log("    made by --prepare-venv for this base interpreter and requirements.txt, not used since: taken")
+        else:
+            if venv.exists():
+                log(f"    not taking {venv}: {why_not}")
+                shutil.rmtree(venv)
+            create_venv(base_python, venv, pins, clone / "requirements.txt", env)
         python = venv_python(venv)
         step("venv", t)
 
@@ -545,25 +792,65 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             names = [n for n in names if n in set(args.chapters)]
         if not names:
             failures.append("no chapter notebooks (book/*.ipynb) to run")
-        log(f"--- chapters ({len(names)}), each in a fresh kernel and an empty working directory:")
-        for name in names:
-            cwd = work / "chapters" / name
-            cwd.mkdir(parents=True)
-            res = run_notebook(clone / "book" / f"{name}.ipynb", kernel_dirs, env, cwd, args.timeout,
-                               save_to=work / "executed" / f"{name}.ipynb",
-                               kernel_log=work / "executed" / f"{name}.kernel.log")
+        solutions: Dict[str, Path] = {}
+        students: Dict[str, Path] = {}
+        if args.assignments and names:
+            t = time.perf_counter()
+            log(f"--- student and solution notebooks ({clone / 'tools' / 'make_assignments.py'})")
+            solutions, students, problems = write_assignments(clone, assignments, names)
+            log(f"    {len(students)} student notebooks; {len(solutions)} chapters run as their solution notebook")
+            for problem in problems:
+                log(f"    PROBLEM: {problem}")
+            failures.extend(problems)
+            step("assign", t)
+
+        def report_run(res: ChapterResult, label: str) -> None:
             results.append(res)
             flag = "PASS" if res.ok else "FAIL"
-            slow = f"  (over the {CHAPTER_BUDGET_S:.0f} s budget of DESIGN §6)" if res.seconds > CHAPTER_BUDGET_S else ""
-            log(f"    {flag}  {name:<24} {res.seconds:6.1f} s  {res.cells:3d} code cells{slow}")
+            slow = f"  (over the {CHAPTER_BUDGET_S:.0f} s budget of DESIGN §6)" \
+                if res.seconds > CHAPTER_BUDGET_S and res.kind != "student" else ""
+            log(f"    {flag}  {label:<34} {res.seconds:6.1f} s  {res.cells:3d} code cells{slow}")
             for problem in res.problems:
                 log(f"          {problem}")
             if res.left_files:
                 log(f"          wrote into its working directory: {', '.join(res.left_files[:8])}"
                     + (" ..." if len(res.left_files) > 8 else ""))
-        failures.extend(f"chapter {r.name} failed" for r in results if not r.ok)
-        report["chapters"] = [{"name": r.name, "seconds": round(r.seconds, 2), "ok": r.ok, "problems": r.problems,
-                               "left_files": r.left_files} for r in results]
+
+        log(f"--- chapters ({len(names)}), each in a fresh kernel and an empty working directory"
+            + (f"; the {len(solutions)} with self-checks as their solution notebook (the whole chapter, every "
+               "check strict: each must print '✓')" if solutions else "") + ":")
+        for name in names:
+            cwd = work / "chapters" / name
+            cwd.mkdir(parents=True)
+            chapter = clone / "book" / f"{name}.ipynb"
+            solution = solutions.get(name)
+            res = run_notebook(solution or chapter, kernel_dirs, env, cwd, args.timeout,
+                               save_to=work / "executed" / f"{name}.ipynb",
+                               kernel_log=work / "executed" / f"{name}.kernel.log")
+            res.name = name
+            if solution is not None:
+                res.kind = "solution"
+                covered = coverage_problems(nbformat.read(chapter, as_version=4), nbformat.read(solution, as_version=4))
+                checks = solution_problems(res.nb) if res.ok else []
+                res.problems = covered + res.problems + checks
+            report_run(res, name + (" (solution notebook)" if solution is not None else ""))
+        if students:
+            log(f"--- student notebooks ({len(students)}): every cell runs; only the stubs (and the chapter's own "
+                "raises-exception cells) may raise")
+        for name, student in students.items():
+            cwd = work / "chapters" / f"{name}.student"
+            cwd.mkdir(parents=True)
+            res = run_notebook(student, kernel_dirs, env, cwd, args.timeout, allow_errors=True,
+                               save_to=work / "executed" / f"{name}.student.ipynb",
+                               kernel_log=work / "executed" / f"{name}.student.kernel.log")
+            res.name, res.kind = name, "student"
+            if res.ok:
+                book_raising = raising_sources(nbformat.read(clone / "book" / f"{name}.ipynb", as_version=4))
+                res.problems.extend(student_problems(res.nb, book_raising))
+            report_run(res, f"{name} (student notebook)")
+        failures.extend(f"{r.kind} notebook {r.name} failed" for r in results if not r.ok)
+        report["chapters"] = [{"name": r.name, "kind": r.kind, "seconds": round(r.seconds, 2), "ok": r.ok,
+                               "problems": r.problems, "left_files": r.left_files} for r in results]
 
         after_text = pip_freeze(python, env)
         (work / "freeze-after.txt").write_text(after_text)
@@ -613,11 +900,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if made_temp and not args.keep:
             shutil.rmtree(work, ignore_errors=True)
 
-    passed = sum(r.ok for r in results)
     log("=== summary")
     for name, secs in steps:
         log(f"    {name:<8} {secs:6.1f} s")
-    log(f"    chapters {sum(r.seconds for r in results):6.1f} s  ({passed}/{len(results)} passed)")
+    for kind, label in (("chapter", "chapters"), ("solution", "solution"), ("student", "student")):
+        runs = [r for r in results if r.kind == kind]
+        if runs:
+            log(f"    {label:<8} {sum(r.seconds for r in runs):6.1f} s  ({sum(r.ok for r in runs)}/{len(runs)} passed)")
     log(f"    total    {total:6.1f} s")
     for failure in failures:
         log(f"FAIL: {failure}")
