@@ -1,8 +1,13 @@
 """relgrad.numpy: the pure-NumPy twin (hand-written backpropagation, float64 by default).
 
-Same names and semantics as :mod:`relgrad.torch`, so a chapter switches backend with one import::
+The same names as :mod:`relgrad.torch` where they mean the same thing (``DenseFlow``, ``log_prob``,
+``sample``, ``gradients``, ``fit``, ``rng=``), so a chapter switches backend with one import::
 
     from relgrad.numpy import DenseFlow, gradients, fit
+
+Differences: ``DenseFlow.forward`` returns ``s`` here but ``(s, logabsdet)`` in torch (whose flow is built
+from layers); there is no ``"autodiff"`` method (no autograd); ``gradients``' method defaults to
+``"relative"`` here and to the model's rule in torch.
 """
 
 from .activation import DEFAULT_ALPHA, dlog_sigma_prime, log_sigma_prime, sigma, sigma_inverse, sigma_prime
