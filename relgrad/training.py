@@ -22,13 +22,13 @@ from typing import IO, Any, Callable, Dict, Iterator, List, NamedTuple, Optional
 
 import numpy as np
 
-from .errors import SingularWeightError, TrainingDivergedError
+from .errors import CheckpointError, SingularWeightError, TrainingDivergedError
 from .utils import progress as progress_bar
 
 __all__ = [
     "History", "EpochRecord", "EpochResult", "LoopState", "EarlyStopping", "minibatch_indices", "check_loss",
     "check_step", "validation_score", "run_epochs", "atomic_write", "METHODS", "LOSS_LIMIT", "GRAD_NORM_LIMIT",
-    "STOP_REASONS",
+    "STOP_REASONS", "check_resume_settings",
 ]
 
 #: Gradient methods every twin understands.  ``"autodiff"`` (autograd through slogdet) is torch-only.
@@ -443,3 +443,26 @@ def run_epochs(
     history.best_epoch, history.best_val_log_likelihood = stopper.best_epoch, stopper.best
     history.seconds = elapsed()
     return history
+
+
+def check_resume_settings(saved: Dict[str, Any], now: Dict[str, Any], path: Any, *, data_rtol: float,
+                          data_atol: float) -> None:
+    """Refuse to resume a training checkpoint written by a run with other settings or other data.
+
+    ``now`` maps setting names to this run's values; ``"data"`` is a fingerprint of ``x_train`` (sum, sum of
+    squares) compared within ``data_rtol``/``data_atol`` (the twins' dtypes round it differently); every
+    other key must be equal.  Raises :class:`~relgrad.errors.CheckpointError` naming the file and the setting.
+    """
+    for key, value in now.items():
+        if key == "data":
+            old = saved.get("data")
+            if old is None or not np.allclose(old, value, rtol=data_rtol, atol=data_atol):
+                raise CheckpointError(
+                    f"checkpoint {path} was written for other training data (sum, sum of squares {old} vs {value}); "
+                    "resume with the same x_train, or start a new run"
+                )
+        elif saved.get(key) != value:
+            raise CheckpointError(
+                f"checkpoint {path} was written by a run with {key}={saved.get(key)!r}, this run has {key}={value!r}; "
+                "resume with the same settings (epochs, patience and max_seconds may change), or start a new run"
+            )

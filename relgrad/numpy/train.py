@@ -15,7 +15,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from ..errors import CheckpointError
-from ..training import EpochRecord, EpochResult, History, LoopState, atomic_write, check_step, run_epochs
+from ..training import (
+    EpochRecord, EpochResult, History, LoopState, atomic_write, check_resume_settings, check_step, run_epochs,
+)
 from ..utils import as_generator, check_batch, check_finite
 from .flow import DenseFlow
 from .gradients import check_method, loss_and_gradients
@@ -271,19 +273,7 @@ class _NumpyEpochs:
 
 
 def _check_settings(saved: Dict[str, Any], now: Dict[str, Any], path: PathLike) -> None:
-    for key, value in now.items():
-        if key == "data":
-            old = saved.get("data")
-            if old is None or not np.allclose(old, value, rtol=1e-12, atol=1e-12):
-                raise CheckpointError(
-                    f"checkpoint {path} was written for other training data (sum, sum of squares {old} vs {value}); "
-                    "resume with the same x_train, or start a new run"
-                )
-        elif saved.get(key) != value:
-            raise CheckpointError(
-                f"checkpoint {path} was written by a run with {key}={saved.get(key)!r}, this run has {key}={value!r}; "
-                "resume with the same settings (epochs, patience and max_seconds may change), or start a new run"
-            )
+    check_resume_settings(saved, now, path, data_rtol=1e-12, data_atol=1e-12)
 
 
 def fit(

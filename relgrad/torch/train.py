@@ -22,7 +22,8 @@ import torch
 
 from ..errors import CheckpointError
 from ..training import (
-    GRAD_NORM_LIMIT, LOSS_LIMIT, EpochRecord, EpochResult, History, LoopState, atomic_write, check_step, run_epochs,
+    GRAD_NORM_LIMIT, LOSS_LIMIT, EpochRecord, EpochResult, History, LoopState, atomic_write, check_resume_settings,
+    check_step, run_epochs,
 )
 from ..utils import check_batch, check_finite
 from ..utils import progress as progress_bar
@@ -468,19 +469,7 @@ def _read_training(path: PathLike) -> dict:
 
 
 def _check_settings(saved: Dict[str, Any], now: Dict[str, Any], path: PathLike) -> None:
-    for key, value in now.items():
-        if key == "data":
-            old = saved.get("data")
-            if old is None or not np.allclose(old, value, rtol=1e-6, atol=1e-9):
-                raise CheckpointError(
-                    f"checkpoint {path} was written for other training data (sum, sum of squares {old} vs {value}); "
-                    "resume with the same x_train, or start a new run"
-                )
-        elif saved.get(key) != value:
-            raise CheckpointError(
-                f"checkpoint {path} was written by a run with {key}={saved.get(key)!r}, this run has {key}={value!r}; "
-                "resume with the same settings (epochs, patience and max_seconds may change), or start a new run"
-            )
+    check_resume_settings(saved, now, path, data_rtol=1e-6, data_atol=1e-9)
 
 
 # --------------------------------------------------------------------------------------------- fit
