@@ -86,6 +86,22 @@ def test_pins_come_from_requirements_and_must_be_exact() -> None:
     assert "torch==2.13.0" in pins and len(pins) == len(rehearsal.PREINSTALLED)
 
 
+def test_runtime_environment_takes_colab_versions_and_drops_their_pins_from_the_constraints() -> None:
+    runtime = "# Colab\ntorch==2.13.0\nnumpy==2.1.3\nmatplotlib==3.10.0\nscipy==1.16.3\nscikit-learn==1.6.1\n" \
+              "ipykernel==6.17.1\ntqdm==4.67.3\n"
+    requirements = "numpy==2.4.6\nScikit_Learn==1.9.1  # sklearn\ncontourpy==1.3.3\n# numpy==9 in a comment\n"
+    pins, constraints = rehearsal.runtime_environment(runtime, requirements)
+    assert pins == ["torch==2.13.0", "numpy==2.1.3", "matplotlib==3.10.0", "scikit-learn==1.6.1", "scipy==1.16.3",
+                    "tqdm==4.67.3", "ipykernel==6.17.1"]
+    assert constraints == "contourpy==1.3.3\n# numpy==9 in a comment\n"
+    with pytest.raises(ValueError, match="ipykernel"):
+        rehearsal.runtime_environment("torch==2.13.0\n", requirements)
+    # the committed runtime file: Colab's numpy and matplotlib (googlecolab/backend-info), the local torch
+    committed = rehearsal.runtime_environment((ROOT / rehearsal.RUNTIME_FILE).read_text(),
+                                              (ROOT / "requirements.txt").read_text())[0]
+    assert "numpy==2.1.3" in committed and "matplotlib==3.10.0" in committed and "torch==2.13.0" in committed
+
+
 def test_dependency_names_skip_extras() -> None:
     reqs = ["numpy>=1.26", "tqdm>=4.60", 'torch>=2.2; extra == "torch"', 'pytest>=7; extra=="test"']
     assert rehearsal.dependency_names(reqs) == ["numpy", "tqdm"]

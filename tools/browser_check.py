@@ -1,8 +1,12 @@
 #!/usr/bin/env python3
 """Load built pages in headless Chromium and fail unless MathJax typeset them and their images loaded.
 
-Usage: python tools/browser_check.py [--html _build/html] [--screenshot out.png] PAGE [PAGE ...]
+Usage: python tools/browser_check.py [--html _build/html] [--screenshot out.png] [--search WORD] PAGE [PAGE ...]
 (PAGE relative to the html folder, e.g. book/intro.html).
+
+``--search WORD`` also runs the site's search for WORD (search.html?q=WORD, over the same http server, which is
+how readers should serve the site: from file:// browsers block the snippets' requests) and fails unless it
+lists results and shows a text snippet under them.
 
 The pages are served from 127.0.0.1 by a throw-away HTTP server; a small wrapper page loads each one in a
 same-origin iframe, waits for MathJax, and writes what it found (number of typeset equations, raw `$$`
@@ -37,6 +41,28 @@ frame.addEventListener('load', async () => {{
     mathjax: !!(w.MathJax && w.MathJax.version), mjx: d.querySelectorAll('mjx-container').length,
     raw_dollars: (text.match(/\\$\\$/g) || []).length, images: imgs.length, broken: broken,
     output_images: d.querySelectorAll('.cell_output img').length }});
+}});
+</script></body></html>"""
+
+
+SEARCH_WRAPPER = """<!doctype html><html><body><pre id="result">pending</pre>
+<iframe id="page" src="/search.html?q={query}" style="width:1200px;height:900px"></iframe>
+<script>
+// Sphinx's search loads searchindex.js, then fills ul.search with one li per page and fetches each page to
+// put a snippet (p.context) under it; poll until the snippets are in (or time runs out).
+const frame = document.getElementById('page');
+frame.addEventListener('load', () => {{
+  let tries = 0;
+  const poll = () => {{
+    const d = frame.contentDocument, items = d.querySelectorAll('ul.search li');
+    const snippets = Array.from(d.querySelectorAll('ul.search li p.context')).filter(p => p.textContent.trim());
+    if ((items.length && snippets.length) || ++tries > 80) {{
+      document.getElementById('result').textContent = JSON.stringify({{
+        results: items.length, snippets: snippets.length,
+        first: items.length ? items[0].querySelector('a').getAttribute('href') : null }});
+    }} else setTimeout(poll, 100);
+  }};
+  poll();
 }});
 </script></body></html>"""
 
@@ -78,6 +104,8 @@ def main(argv=None) -> int:
     parser.add_argument("pages", nargs="+")
     parser.add_argument("--html", type=Path, default=Path("_build/html"))
     parser.add_argument("--screenshot", type=Path, help="also save a PNG screenshot of the first page")
+    parser.add_argument("--search", metavar="WORD", help="also run the site search for WORD; fail without "
+                                                         "results with snippets")
     args = parser.parse_args(argv)
     browser, root = chromium(), args.html.resolve()
     server = serve(root)
@@ -94,6 +122,16 @@ def main(argv=None) -> int:
             ok = r["mathjax"] and r["mjx"] > 0 and r["raw_dollars"] == 0 and not r["broken"]
             failures += not ok
             print(f"browser check: {page}: {'OK' if ok else 'FAILED'} {json.dumps(r)}")
+        if args.search:
+            wrapper = root / "_browser_check.html"
+            wrapper.write_text(SEARCH_WRAPPER.format(query=args.search))
+            try:
+                r = check_page(browser, base, wrapper.name, f"search.html?q={args.search}", profile)
+            finally:
+                wrapper.unlink()
+            ok = r["results"] > 0 and r["snippets"] > 0
+            failures += not ok
+            print(f"browser check: search for {args.search!r} over http: {'OK' if ok else 'FAILED'} {json.dumps(r)}")
         if args.screenshot:
             subprocess.run([browser, *FLAGS, f"--user-data-dir={profile}", "--window-size=1280,1600",
                             f"--screenshot={args.screenshot.resolve()}", f"{base}/{args.pages[0]}"],

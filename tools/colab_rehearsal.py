@@ -5,9 +5,10 @@ What Colab does, and what this rehearsal does instead (nothing here needs the ne
 
   Colab                                            rehearsal
   -----------------------------------------------  -----------------------------------------------------------
-  a Python with torch, numpy, matplotlib,          a fresh virtual environment holding only those packages
-  scikit-learn, scipy, tqdm, ipykernel             (exact versions from requirements.txt, their dependencies
-  preinstalled, and no relgrad                     constrained by it too), and no relgrad
+  a Python with torch, numpy, matplotlib,          a fresh virtual environment holding only those packages,
+  scikit-learn, scipy, tqdm, ipykernel             at Colab's versions (tools/colab-runtime.txt: its source,
+  preinstalled, and no relgrad                     date, and what cannot be matched here: Python, torch),
+                                                   their dependencies constrained by requirements.txt; no relgrad
   ``google.colab`` imported by the kernel at       a stand-in ``google.colab`` module and a stand-in
   start-up (``python -m colab_kernel_launcher``)   ``colab_kernel_launcher`` on the kernel's PYTHONPATH
   opens book/NAME.ipynb from GitHub, branch main   executes book/NAME.ipynb of a local clone of branch main
@@ -65,6 +66,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 #: What Colab preinstalls that the book needs (plus ipykernel, which runs the notebooks). Nothing else.
 PREINSTALLED = ("torch", "numpy", "matplotlib", "scikit-learn", "scipy", "tqdm", "ipykernel")
+#: Colab's versions of PREINSTALLED (relative to the repository root).
+RUNTIME_FILE = "tools/colab-runtime.txt"
 #: The only package the setup cells may add.
 PACKAGE = "relgrad"
 KERNEL_NAME = "colab-rehearsal"
@@ -195,7 +198,7 @@ def diff_freeze(before: Mapping[str, str], after: Mapping[str, str], allowed: It
 
 
 def pinned_versions(requirements: str, names: Sequence[str]) -> List[str]:
-    """``name==version`` for each of ``names``, taken from requirements.txt text; exact pins only."""
+    """``name==version`` for each of ``names``, taken from requirements-format text; exact pins only."""
     pins: Dict[str, str] = {}
     for raw in requirements.splitlines():
         line = raw.split("#", 1)[0].strip()
@@ -204,8 +207,22 @@ def pinned_versions(requirements: str, names: Sequence[str]) -> List[str]:
             pins[normalize(m.group(1))] = f"{m.group(1)}=={m.group(2)}"
     missing = [n for n in names if normalize(n) not in pins]
     if missing:
-        raise ValueError(f"requirements.txt has no exact pin (name==version) for: {', '.join(missing)}")
+        raise ValueError(f"no exact pin (name==version) for: {', '.join(missing)}")
     return [pins[normalize(n)] for n in names]
+
+
+def runtime_environment(runtime: str, requirements: str) -> Tuple[List[str], str]:
+    """(pins, constraints) of the rehearsal venv: Colab's versions of :data:`PREINSTALLED` from the runtime
+    file's text, and requirements.txt's text without the lines of those packages, which constrains everything
+    they pull in (so the venv is the same on every run) without contradicting Colab's versions."""
+    pins = pinned_versions(runtime, PREINSTALLED)
+    names = {normalize(n) for n in PREINSTALLED}
+    kept = []
+    for raw in requirements.splitlines():
+        m = re.match(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)", raw.split("#", 1)[0])
+        if not (m and normalize(m.group(1)) in names):
+            kept.append(raw)
+    return pins, "\n".join(kept) + "\n"
 
 
 def dependency_names(requires: Iterable[str]) -> List[str]:
@@ -488,7 +505,8 @@ def create_venv(base_python: str, venv: Path, pins: Sequence[str], constraints: 
 
 
 #: Written into a venv made by ``--prepare-venv``; a later run in the same --workdir takes the venv only when
-#: this matches (same base interpreter, same requirements.txt) and deletes it first, so a venv serves once.
+#: this matches (same base interpreter, same runtime file and requirements.txt) and deletes it first, so a venv
+#: serves once.
 VENV_MARKER = ".prepared-by-colab-rehearsal.json"
 
 
@@ -658,7 +676,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                         "(the whole chapter, checks strict) and every chapter with exercises also as its student "
                         "notebook (tools/make_assignments.py), as students run them")
     p.add_argument("--prepare-venv", action="store_true",
-                   help="only create the rehearsal venv in --workdir (from requirements.txt of --ref, standard "
+                   help="only create the rehearsal venv in --workdir (from the runtime file and requirements.txt of --ref, standard "
                         "library only: runs before any other environment exists) and exit; the next run with the "
                         "same --workdir uses it instead of creating one (CI overlaps it with its own install)")
     p.add_argument("--timeout", type=int, default=300, help="seconds per cell (default: 300, as _config.yml)")
@@ -666,10 +684,16 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def requirements_text(repo: Path, commit: str, source: str) -> str:
+def file_text(repo: Path, commit: str, source: str, path: str) -> str:
+    """A file of the repository as rehearsed: the working tree's, or the commit's."""
     if source == "worktree":
-        return (repo / "requirements.txt").read_text()
-    return git(repo, "show", f"{commit}:requirements.txt") + "\n"
+        return (repo / path).read_text()
+    return git(repo, "show", f"{commit}:{path}") + "\n"
+
+
+def environment_files(repo: Path, commit: str, source: str) -> str:
+    """The runtime file and requirements.txt, joined (what the prepared venv's key hashes)."""
+    return file_text(repo, commit, source, RUNTIME_FILE) + file_text(repo, commit, source, "requirements.txt")
 
 
 def prepare_venv(args: argparse.Namespace) -> int:
@@ -683,14 +707,15 @@ def prepare_venv(args: argparse.Namespace) -> int:
     venv = work / "venv"
     if venv.exists():
         shutil.rmtree(venv)
-    requirements = requirements_text(repo, resolve_ref(repo, args.ref), args.source)
-    constraints = work / "prepared-requirements.txt"
-    constraints.write_text(requirements)
-    pins = pinned_versions(requirements, PREINSTALLED)
+    commit = resolve_ref(repo, args.ref)
+    pins, constraint_text = runtime_environment(file_text(repo, commit, args.source, RUNTIME_FILE),
+                                                file_text(repo, commit, args.source, "requirements.txt"))
+    constraints = work / "prepared-constraints.txt"
+    constraints.write_text(constraint_text)
     base_python = args.python or getattr(sys, "_base_executable", None) or sys.executable
-    log(f"--- prepare venv {venv} ({base_python}): {' '.join(pins)}")
+    log(f"--- prepare venv {venv} ({base_python}) with Colab's versions ({RUNTIME_FILE}): {' '.join(pins)}")
     create_venv(base_python, venv, pins, constraints, clean_env(venv, work))
-    (venv / VENV_MARKER).write_text(json.dumps(venv_key(base_python, requirements)))
+    (venv / VENV_MARKER).write_text(json.dumps(venv_key(base_python, environment_files(repo, commit, args.source))))
     log(f"    ({time.perf_counter() - t:.1f} s)")
     return 0
 
@@ -746,19 +771,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         step("clone", t)
 
         t = time.perf_counter()
-        requirements = (clone / "requirements.txt").read_text()
-        pins = pinned_versions(requirements, PREINSTALLED)
+        runtime, requirements = ((clone / name).read_text() for name in (RUNTIME_FILE, "requirements.txt"))
+        pins, constraint_text = runtime_environment(runtime, requirements)
+        report["runtime"] = {"file": RUNTIME_FILE, "pins": pins}
         base_python = args.python or getattr(sys, "_base_executable", None) or sys.executable
         env = clean_env(venv, work)
-        log(f"--- venv ({base_python}) with what Colab preinstalls: {' '.join(pins)}")
-        why_not = take_prepared_venv(venv, venv_key(base_python, requirements))
+        log(f"--- venv ({base_python}) with what Colab preinstalls, at Colab's versions ({RUNTIME_FILE}): "
+            f"{' '.join(pins)}")
+        why_not = take_prepared_venv(venv, venv_key(base_python, environment_files(clone, "", "worktree")))
         if why_not is None:
-            log("    made by --prepare-venv for this base interpreter and requirements.txt, not used since: taken")
+            log("    made by --prepare-venv for this base interpreter, runtime file and requirements.txt, not used "
+                "since: taken")
         else:
             if venv.exists():
                 log(f"    not taking {venv}: {why_not}")
                 shutil.rmtree(venv)
-            create_venv(base_python, venv, pins, clone / "requirements.txt", env)
+            constraints = work / "constraints.txt"
+            constraints.write_text(constraint_text)
+            create_venv(base_python, venv, pins, constraints, env)
         python = venv_python(venv)
         step("venv", t)
 
