@@ -21,6 +21,12 @@ from it (default ``OUT`` with suffix ``.pt``), and a killed run resumed with the
 same CSV values (all but the seconds) as an uninterrupted one.  ``--quick`` is a smoke test that finishes
 in seconds.
 
+``--distributed`` runs the same experiment on several processes: ``torchrun --nproc_per_node N -m
+relgrad.experiments --distributed ...`` (DistributedDataParallel over gloo on the CPU, nccl with one GPU per
+process on CUDA).  ``--batch-size`` stays the global batch and is split equally between the processes, so the
+run follows the single-process run with the same arguments (tested: one epoch on the digits on two processes
+gives the single-process CSV and JSON); rank 0 evaluates and writes.
+
 The training loop is :func:`relgrad.torch.fit` (one loop for the library, the book and this script); this
 module adds the data preparation, the CSV and JSON, and the test evaluation.
 
@@ -143,6 +149,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--quick", action="store_true",
                    help=f"smoke test: sizes {QUICK_SIZES}, 1 epoch, a few seconds (overrides sizes and epochs)")
     r.add_argument("--quiet", action="store_true", help="no per-epoch lines")
+    r.add_argument("--distributed", action="store_true",
+                   help="run as one process of `torchrun --nproc_per_node N -m relgrad.experiments --distributed ...`: "
+                        "DistributedDataParallel over gloo (CPU) or nccl (CUDA, one GPU per process); --batch-size "
+                        "is the global batch, split equally between the processes, so the run follows the "
+                        "single-process run with the same --batch-size; rank 0 writes the outputs")
     return p
 
 
@@ -173,6 +184,33 @@ def _sizes(args: argparse.Namespace) -> Optional[tuple]:
         default = (50000, 10000, 10000)
     given = (args.train_size, args.val_size, args.test_size)
     return tuple(g if g is not None else d for g, d in zip(given, default))
+
+
+def _init_distributed(device: str, batch_size: int) -> tuple:
+    """Join the process group torchrun set up; returns (device, rank, world size, backend).
+
+    gloo on the CPU, nccl on CUDA with one GPU per process (``LOCAL_RANK``). The global ``--batch-size`` must
+    split into equal shares, so that the run is the single-process run with that batch size.
+    """
+    import torch
+    import torch.distributed as dist
+
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        raise SystemExit("--distributed runs as one of several processes started by torchrun, e.g. "
+                         "`torchrun --nproc_per_node 2 -m relgrad.experiments --distributed --dataset digits` "
+                         "(RANK and WORLD_SIZE are not set)")
+    world = int(os.environ["WORLD_SIZE"])
+    if batch_size % world:
+        raise SystemExit(f"--batch-size {batch_size} is the global batch: it must be a multiple of the {world} "
+                         "processes (each trains on an equal share of every batch)")
+    if torch.device(device).type == "cuda":
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        backend = "gloo"
+    dist.init_process_group(backend)
+    return device, dist.get_rank(), dist.get_world_size(), backend
 
 
 def _machine(device: str) -> Dict[str, Any]:
@@ -229,6 +267,13 @@ def run(args: argparse.Namespace, *, command: str = "") -> Dict[str, Any]:
     if args.threads is not None:
         torch.set_num_threads(int(args.threads))
     device = select_device(args.device)
+    rank, world, backend = 0, 1, None
+    if args.distributed:
+        device, rank, world, backend = _init_distributed(device, int(args.batch_size))
+        if rank != 0:
+            args.quiet = True  # one process reports and writes
+        command = command.replace("python -m relgrad.experiments", f"torchrun --nproc_per_node {world} -m "
+                                  "relgrad.experiments", 1)
     dtype = getattr(torch, args.dtype)
     epochs = 1 if args.quick else int(args.epochs)
     sizes = _sizes(args)
@@ -265,6 +310,12 @@ def run(args: argparse.Namespace, *, command: str = "") -> Dict[str, Any]:
 
     # ---------------------------------------------------------------- training (relgrad.torch.fit)
     model = DenseFlow(dim, args.layers, alpha=args.alpha, generator=int(args.seed), device=device, dtype=dtype)
+    trained: Any = model
+    if world > 1:  # every process: the same model, data and shuffling seed; fit splits each global batch
+        from torch.nn.parallel import DistributedDataParallel
+
+        where = torch.device(device)
+        trained = DistributedDataParallel(model, device_ids=[where.index] if where.type == "cuda" else None)
     shuffle_seed = int(np.random.default_rng(seeds[1]).integers(2**62))
     cap = None if args.max_minutes is None else 60.0 * float(args.max_minutes)
     patience = None if args.patience in (None, 0) else int(args.patience)
@@ -276,7 +327,8 @@ def run(args: argparse.Namespace, *, command: str = "") -> Dict[str, Any]:
                 "val_logit_nats": val, "val_bpd": to_bpd(val), "partial": int(rec.partial), "best": int(rec.best)}
 
     def on_epoch_end(rec: Any, hist: Any) -> None:
-        _write_history(out_csv, [row_of(r) for r in hist.records])  # every epoch: a killed run keeps its curve
+        if rank == 0:  # every epoch: a killed run keeps its curve
+            _write_history(out_csv, [row_of(r) for r in hist.records])
         row = row_of(rec)
         say(f"epoch {rec.epoch:4d}{'*' if rec.partial else ' '} steps {rec.steps:7d}  {rec.seconds:8.1f} s  "
             f"train loss {rec.train_loss:10.3f}  val {row['val_logit_nats']:10.3f} logit nats  {row['val_bpd']:.4f} bpd"
@@ -284,12 +336,19 @@ def run(args: argparse.Namespace, *, command: str = "") -> Dict[str, Any]:
 
     if resumed:
         say(f"resuming from {ckpt}")
-    hist = fit(model, x_train, x_val, method=args.method, epochs=epochs, batch_size=args.batch_size, lr=args.lr,
+    hist = fit(trained, x_train, x_val, method=args.method, epochs=epochs, batch_size=args.batch_size // world,
+               lr=args.lr,
                patience=patience, generator=shuffle_seed, progress=False, batch_progress=None,
                checkpoint_path=ckpt, resume=bool(args.resume), max_seconds=cap, evaluate_initial=True,
                on_epoch_end=on_epoch_end, on_divergence="stop")
     if hist.stopped_by == "diverged":
         say(f"stopped: {hist.error}")
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+        if rank != 0:  # the same model as rank 0's (checked by DDP's tests); rank 0 evaluates and writes
+            return {"rank": rank, "processes": world}
     if not hist.records:  # diverged at the evaluation of the initial model (L7): still write the (empty) curve
         _write_history(out_csv, [])
     # the model now holds the best epoch's parameters (fit restored them), and the checkpoint file has them too
@@ -329,6 +388,8 @@ def run(args: argparse.Namespace, *, command: str = "") -> Dict[str, Any]:
             "epochs": epochs, "patience": patience, "max_minutes": args.max_minutes, "seed": args.seed,
             "dtype": args.dtype, "quick": bool(args.quick), "whiten": bool(args.whiten),
         },
+        "processes": world,
+        "distributed_backend": backend,
         "whitening_log_abs_det": flow_to_logit if whitener is not None else None,
         "machine": _machine(device),
         "date": started.strftime("%Y-%m-%d"),

@@ -7,6 +7,7 @@ import csv
 import gzip
 import json
 import math
+import os
 import struct
 import subprocess
 import sys
@@ -184,3 +185,46 @@ def test_divergence_at_the_initial_evaluation_is_recorded(tmp_path, monkeypatch)
     assert json.loads(out.with_suffix(".json").read_text())["stopped_by"] == "diverged"
     with open(out, newline="") as handle:
         assert next(csv.reader(handle)) == list(experiments.HISTORY_FIELDS)
+
+
+def test_distributed_under_torchrun_equals_one_process(tmp_path, monkeypatch):
+    """`torchrun --nproc_per_node 2 -m relgrad.experiments --distributed` (gloo, CPU, float64), one epoch on the
+    digits with a global batch of 20, writes the CSV and JSON of the single-process run with --batch-size 20.
+    The 1197 training digits leave a last global batch of 17 rows, shared 8/9 between the two processes."""
+    import json
+    import socket
+
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    common = ["--dataset", "digits", "--epochs", "1", "--batch-size", "20", "--lr", "1e-3", "--dtype", "float64",
+              "--device", "cpu", "--threads", "1", "--quiet"]
+    single = experiments.main([*common, "--out", str(tmp_path / "single.csv")])
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1", TQDM_DISABLE="1")
+    out = tmp_path / "ddp.csv"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                           "127.0.0.1", "--master_port", str(port), "-m", "relgrad.experiments", "--distributed",
+                           *common, "--out", str(out)], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ddp = json.loads(out.with_suffix(".json").read_text())
+    assert ddp["processes"] == 2 and ddp["distributed_backend"] == "gloo" and single["processes"] == 1
+    assert ddp["command"].startswith("torchrun --nproc_per_node 2 -m relgrad.experiments --distributed")
+    assert ddp["steps"] == single["steps"] == 60 and ddp["epochs_completed"] == 1
+    a, b = _rows(out), _rows(tmp_path / "single.csv")
+    assert len(a) == len(b) == 2
+    for ra, rb in zip(a, b):
+        for key in ("epoch", "steps", "train_loss", "val_logit_nats", "val_bpd", "partial", "best"):
+            x, y = float(ra[key]), float(rb[key])   # (the initial row has no training loss: NaN in both)
+            assert (math.isnan(x) and math.isnan(y)) or x == pytest.approx(y, rel=1e-9, abs=2e-6), key  # 6 decimals
+    assert float(a[1]["val_logit_nats"]) > float(a[0]["val_logit_nats"]) + 1.0   # it trained
+    for key in ("logit_nats", "pixel_nats", "bpd"):
+        assert ddp["test"][key] == pytest.approx(single["test"][key], rel=1e-10), key
+
+
+def test_distributed_outside_torchrun_says_how_to_start_it(tmp_path, monkeypatch):
+    for name in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(SystemExit, match="torchrun --nproc_per_node 2 -m relgrad.experiments --distributed"):
+        experiments.main(["--quick", "--dataset", "digits", "--distributed", "--device", "cpu",
+                          "--out", str(tmp_path / "x.csv")])

@@ -354,12 +354,21 @@ def test_ddp_two_gloo_ranks_equal_one_process(tmp_path) -> None:
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads(out.read_text())["results"]
-    assert set(results) == {f"{m}/{o}" for m in ("relative", "authors", "autodiff") for o in ("sgd", "adam")}
+    methods = ("relative", "authors", "autodiff")
+    assert set(results) == ({f"{m}/{o}" for m in methods for o in ("sgd", "adam")} | {f"fit/{m}" for m in methods}
+                            | {"fit/refused"})
+    refused = results.pop("fit/refused")
+    assert "needs generator= an explicit seed" in refused["no_generator"]
+    assert "x_train differs between the processes" in refused["different_data"]
     for key, r in results.items():
         print(key, r)
         assert r["between_ranks"] == 0.0 or r["between_ranks"] < 1e-14, key
         assert r["vs_single_process"] < 1e-12, key
         assert r["moved"] > 1e-3, key
+        if key.startswith("fit/"):  # fit(DDP(model), batch_size=4) on 2 ranks == fit(model, batch_size=8)
+            assert r["epochs"][0] == r["epochs"][1] == 3 and r["steps"][0] == r["steps"][1] == 3 * 5, key
+            assert r["train_loss"] < 1e-10 and r["val_ll"] < 1e-10, key
+            assert r["checkpoint"] == {"rank0_written": True, "rank1_written": False, "vs_model": 0.0}, key
 
 
 def test_training_loss_accepts_wrappers_and_refuses_other_models() -> None:

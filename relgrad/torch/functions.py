@@ -217,8 +217,8 @@ class SigmaAndLogDet(torch.autograd.Function):
         yf = y if y.dtype == slope.dtype else y.to(slope.dtype)
         # d/dy log sigma'(y) = (1-alpha) sigmoid(y) sigmoid(-y) / sigma'(y)  (stable for large |y|)
         dlog = torch.sigmoid(yf).mul_(torch.sigmoid(-yf)).mul_(1.0 - ctx.alpha).div_(slope)
-        grad = grad_z.to(slope.dtype) * slope
-        grad.addcmul_(dlog, grad_logdet.to(slope.dtype).unsqueeze(-1))
+        # out of place: addcmul_ has no vmap batching rule (torch.func would fall back to a slow loop)
+        grad = torch.addcmul(grad_z.to(slope.dtype) * slope, dlog, grad_logdet.to(slope.dtype).unsqueeze(-1))
         return grad.to(y.dtype), None
 
 

@@ -20,7 +20,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Union
 import numpy as np
 import torch
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, TrainingDivergedError
 from ..training import (
     GRAD_NORM_LIMIT, LOSS_LIMIT, EpochRecord, EpochResult, History, LoopState, atomic_write, check_resume_settings,
     check_step, run_epochs,
@@ -28,7 +28,7 @@ from ..training import (
 from ..utils import check_batch, check_finite
 from ..utils import progress as progress_bar
 from .flow import DenseFlow
-from .gradients import check_method, training_loss
+from .gradients import check_method, training_loss, unwrap
 
 __all__ = [
     "fit", "save_checkpoint", "load_checkpoint", "make_adam", "mean_log_likelihood", "CHECKPOINT_FORMAT",
@@ -202,6 +202,36 @@ def _strip_module_prefix(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tens
     return state
 
 
+# --------------------------------------------------------------------------------------------- processes
+def _process_group(model: torch.nn.Module) -> tuple:
+    """(rank, world size, process group) of a DistributedDataParallel ``model`` (under any number of
+    ``torch.compile`` wrappers); (0, 1, None) for anything else, which trains in one process."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    m = model
+    for _ in range(16):
+        if isinstance(m, DistributedDataParallel):
+            import torch.distributed as dist
+
+            return dist.get_rank(m.process_group), dist.get_world_size(m.process_group), m.process_group
+        inner = getattr(m, "_orig_mod", None)
+        if not isinstance(inner, torch.nn.Module):
+            break
+        m = inner
+    return 0, 1, None
+
+
+def _same_on_every_process(values: List[float], device: torch.device, group: Any) -> bool:
+    """Whether ``values`` (a few floats) are equal on every process of ``group`` (two all-reduces)."""
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    hi, lo = t.clone(), -t
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX, group=group)
+    dist.all_reduce(lo, op=dist.ReduceOp.MAX, group=group)
+    return bool(torch.equal(hi, -lo))
+
+
 # --------------------------------------------------------------------------------------------- one epoch
 class _TorchEpochs:
     """One shuffled pass of optimiser steps per call, with no host-device synchronisation inside it.
@@ -229,12 +259,23 @@ class _TorchEpochs:
     State for a resumed run (:meth:`state_dict`): the generator, its state at the start of the current epoch,
     and the position inside the epoch with the partial loss sum (non-zero only after a time cut).
 
+    Several processes (``world > 1``, a DistributedDataParallel model): every process holds the whole training
+    set and draws the same permutation; a step takes the next ``batch_size * world`` rows of it (the *global*
+    batch, the one a single process with that batch size would take) and this process trains on its share
+    (``rank``-th of ``world`` near-equal parts). Its loss is the mean over its rows times ``share * world /
+    global rows`` (exactly 1 for equal shares), so DDP's average of the processes' gradients is the gradient of
+    the mean over the global batch, for every rule (each is linear in the per-row terms). Whether a step is
+    applied is decided on all processes together (one all-reduce of the ok-flag per step), so they never
+    drift apart; the epoch loss is summed over the processes.
+
     Shapes:
-        x: (N, D) on the model's device; each step uses ``batch_size`` rows (the last one may be shorter).
+        x: (N, D) on the model's device; each step uses ``batch_size`` rows (the last one may be shorter),
+        or its share of ``batch_size * world`` rows with several processes.
     """
 
-    def __init__(self, model: DenseFlow, opt: torch.optim.Optimizer, x: torch.Tensor, method: str, batch_size: int,
-                 shuffle: _Shuffle, *, check_every: int = 100, batch_progress: Optional[bool] = False) -> None:
+    def __init__(self, model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, method: str,
+                 batch_size: int, shuffle: _Shuffle, *, check_every: int = 100,
+                 batch_progress: Optional[bool] = False, rank: int = 0, world: int = 1, group: Any = None) -> None:
         if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         if isinstance(check_every, bool) or not isinstance(check_every, (int, np.integer)) or check_every < 1:
@@ -242,16 +283,34 @@ class _TorchEpochs:
         self.model, self.opt, self.x, self.method = model, opt, x, method
         self.batch_size, self.check_every, self.batch_progress = int(batch_size), int(check_every), batch_progress
         self.shuffle = shuffle
-        self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        flow = unwrap(model)          # model itself is what trains (a DDP wrapper synchronises the gradients)
+        self.named = [(n, p) for n, p in flow.named_parameters() if p.requires_grad]
         self.params = [p for _, p in self.named]
-        self.n_batches = math.ceil(x.shape[0] / self.batch_size)
-        dev, dt = x.device, model.dtype
+        self.rank, self.world, self.group = int(rank), int(world), group
+        n, step_rows = x.shape[0], self.batch_size * self.world
+        self.n_batches = math.ceil(n / step_rows)
+        # rows of the permutation this process trains on at each step, its loss factor, and the number of rows
+        # its loss stands for in the epoch's mean (with one process: the batch, factor 1, the batch size)
+        self.shares: List[tuple] = []
+        for i in range(self.n_batches):
+            m = min(step_rows, n - i * step_rows)
+            if m < self.world:
+                raise ValueError(
+                    f"the last step of an epoch has {m} training rows for {self.world} processes: every process "
+                    f"needs at least one; use a training set size or batch_size for which N mod "
+                    f"(batch_size * processes) is 0 or at least {self.world} (N={n}, batch_size={self.batch_size})")
+            lo, hi = i * step_rows + self.rank * m // self.world, i * step_rows + (self.rank + 1) * m // self.world
+            factor = (hi - lo) * self.world / m
+            self.shares.append((lo, hi, factor, m if self.world == 1 else m / self.world))
+        dev, dt = x.device, flow.dtype
         self.limits = torch.tensor([LOSS_LIMIT] + [GRAD_NORM_LIMIT] * len(self.params), dtype=dt, device=dev)
         self.limits_cpu = self.limits.cpu()
         self.rows = torch.empty((self.n_batches, len(self.params) + 1), dtype=dt, device=dev)
         self.alive = torch.ones((), dtype=torch.float32, device=dev)
         self.found_inf = torch.zeros((), dtype=torch.float32, device=dev)
         self.skip_on_device = bool(getattr(opt, "_step_supports_amp_scaling", False))
+        # with several processes: per step, whether every process's row passed (the all-reduced flag)
+        self.all_ok = torch.ones(self.n_batches, dtype=torch.float32, device=dev) if self.world > 1 else None
         # position inside the current epoch (non-zero only after a time cut)
         self.position, self.loss_sum, self.seen = 0, 0.0, 0
         self.epoch_start_state: Any = None
@@ -292,13 +351,38 @@ class _TorchEpochs:
             values = rows[j].tolist()
             check_step(values[0], values[1:], epoch=epoch, step=step_before + j + 1, names=[n for n, _ in self.named])
             raise AssertionError("a row failed the device check but passed check_step")  # pragma: no cover
+        if self.all_ok is not None:
+            bad = (self.all_ok[lo:hi].cpu() == 0).nonzero()
+            if bad.numel():
+                raise TrainingDivergedError(
+                    f"epoch {epoch}, step {step_before + int(bad[0, 0]) + 1}: another process of the "
+                    "DistributedDataParallel group had a non-finite or exploding loss or gradient (its own error "
+                    "names it); the step was applied by none of them")
         for k, loss in enumerate(rows[:, 0].tolist(), start=lo):
-            size = min(self.batch_size, self.x.shape[0] - k * self.batch_size)
+            size = self.shares[k][3]
             self.loss_sum += loss * size  # float64, in step order: the synchronised loop's arithmetic
             self.seen += size
 
+    def _anyone(self, flag: bool) -> bool:
+        """Whether ``flag`` holds on any process of the group (one all-reduce)."""
+        import torch.distributed as dist
+
+        t = torch.tensor([float(flag)], dtype=torch.float32, device=self.x.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+        return bool(t[0] > 0)
+
+    def _epoch_loss(self, total_rows: int) -> float:
+        """Mean training loss of the rows seen so far (over every process)."""
+        if self.world == 1:
+            return self.loss_sum / total_rows
+        import torch.distributed as dist
+
+        t = torch.tensor([self.loss_sum, self.seen], dtype=torch.float64, device=self.x.device)
+        dist.all_reduce(t, group=self.group)
+        return float(t[0]) / (total_rows if total_rows else max(float(t[1]), 1.0))
+
     def __call__(self, epoch: int, step: int, out_of_time: Callable[[], bool]) -> EpochResult:
-        n, bs = self.x.shape[0], self.batch_size
+        n = self.x.shape[0]
         if self.position == 0:
             self.epoch_start_state = self.shuffle.get_state()
             self.loss_sum, self.seen = 0.0, 0
@@ -314,14 +398,25 @@ class _TorchEpochs:
                                    desc=f"epoch {epoch}", leave=False)
         cut = False
         for i in batches:
-            xb = self.x.index_select(0, perm[i * bs : (i + 1) * bs])
+            share_lo, share_hi, factor, _ = self.shares[i]
+            xb = self.x.index_select(0, perm[share_lo:share_hi])
             self.opt.zero_grad(set_to_none=True)
             loss = training_loss(self.model, xb, self.method, check=False)
+            if factor != 1.0:  # an unequal share of the last global batch: weight rows as one process would
+                loss = loss * factor
             loss.backward()
             grads = self._grads()
             row = torch.stack([loss.detach().to(self.rows.dtype), *torch._foreach_norm(grads)])
             self.rows[i].copy_(row)
-            self.alive.mul_((row.abs() <= self.limits).all())
+            ok = (row.abs() <= self.limits).all()
+            if self.all_ok is not None:  # apply the step on every process or on none
+                import torch.distributed as dist
+
+                flag = ok.to(torch.float32)
+                dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.group)
+                self.all_ok[i].copy_(flag)
+                ok = flag > 0
+            self.alive.mul_(ok)
             if self.skip_on_device:
                 torch.sub(1.0, self.alive, out=self.found_inf)
                 self.opt.found_inf, self.opt.grad_scale = self.found_inf, None  # GradScaler's protocol
@@ -336,8 +431,12 @@ class _TorchEpochs:
                 self.opt.step()
             step += 1
             last = i == self.n_batches - 1
-            cut = not last and out_of_time()
-            if last or cut or (i + 1 - lo) >= self.check_every:
+            at_check = last or (i + 1 - lo) >= self.check_every
+            if self.world == 1:
+                cut = not last and out_of_time()
+            else:  # the processes must cut at the same step: decided together, at the checks only
+                cut = not last and at_check and self._anyone(out_of_time())
+            if at_check or cut:
                 self._check(lo, i + 1, epoch, step_at_lo)
                 lo, step_at_lo = i + 1, step
             if cut:
@@ -346,9 +445,10 @@ class _TorchEpochs:
             batches.close()
         if cut:
             self.position = lo
-            return EpochResult(self.loss_sum / max(self.seen, 1), step, False)
+            return EpochResult(self._epoch_loss(0) if self.world > 1 else self.loss_sum / max(self.seen, 1),
+                               step, False)
         self.position = 0
-        return EpochResult(self.loss_sum / n, step, True)
+        return EpochResult(self._epoch_loss(n), step, True)
 
 
 # --------------------------------------------------------------------------------------------- checkpoints
@@ -474,7 +574,7 @@ def _check_settings(saved: Dict[str, Any], now: Dict[str, Any], path: PathLike) 
 
 # --------------------------------------------------------------------------------------------- fit
 def fit(
-    model: DenseFlow,
+    model: Union[DenseFlow, torch.nn.Module],
     x_train: torch.Tensor,
     x_val: torch.Tensor,
     *,
@@ -525,21 +625,44 @@ def fit(
       the same for a bar per epoch over its minibatches (default off); ``log_every > 0`` prints a line every
       that many epochs.  Epochs are numbered from 0.
 
+    ``model`` may be a :class:`DenseFlow` or a wrapper of one (``torch.compile``, DistributedDataParallel):
+    the steps go through the wrapper, evaluation and checkpoints use the flow inside.  **Several processes**
+    (``model`` wrapped in ``DistributedDataParallel``, e.g. under ``torchrun``): call ``fit`` on every
+    process with the same ``x_train``, ``x_val`` and ``generator`` (an explicit seed is required: every
+    process must draw the same permutation; ``x_train`` is checked to be the same); ``batch_size`` is per
+    process, so each step trains on a global batch of ``batch_size * world_size`` rows, split between the
+    processes, and the parameters follow exactly those of one process with that batch size (tested to 1e-12
+    in float64).  Only rank 0 writes ``checkpoint_path`` (all read it on ``resume``, so it must be on a shared
+    file system); ``max_seconds`` cuts all processes at the same step, decided at the checks.
+
     Shapes:
         x_train: (N, D), x_val: (N_val, D); returns a relgrad.training.History.
     """
     check_method(method)
     if resume and checkpoint_path is None:
         raise ValueError("resume=True needs checkpoint_path (the training checkpoint to continue from)")
+    wrapper, model = model, unwrap(model)   # steps through the wrapper; everything else on the flow itself
+    rank, world, group = _process_group(wrapper)
     x_train = _prepare(model, x_train, "x_train")  # validated once: the per-step loss skips the checks
     x_val = _prepare(model, x_val, "x_val")
+    if world > 1:
+        if generator is None or isinstance(generator, bool):
+            raise ValueError(f"fit on {world} processes (DistributedDataParallel) needs generator= an explicit seed "
+                             "(int, torch.Generator or NumPy Generator), the same on every process: each must "
+                             "draw the same permutation of the training set")
+        if not _same_on_every_process([float(x_train.shape[0]), *_data_fingerprint(x_train)], x_train.device, group):
+            raise ValueError(f"fit on {world} processes: x_train differs between the processes; give every "
+                             "process the whole, identical training set (fit splits each global batch itself)")
     params = list(model.parameters())
     opt = make_adam(params, lr=lr) if optimizer is None else optimizer(params)
-    runner = _TorchEpochs(model, opt, x_train, method, batch_size, _shuffle_generator(generator, x_train.device),
-                          check_every=check_every, batch_progress=batch_progress)
+    runner = _TorchEpochs(wrapper, opt, x_train, method, batch_size, _shuffle_generator(generator, x_train.device),
+                          check_every=check_every, batch_progress=batch_progress, rank=rank, world=world,
+                          group=group)
     caller_rng = _caller_rng_state(generator)  # after the one draw that seeded the shuffling
     settings = {"method": method, "batch_size": int(batch_size), "n_train": int(x_train.shape[0]),
                 "evaluate_initial": bool(evaluate_initial), "optimizer": type(opt).__name__}
+    if world > 1:
+        settings["processes"] = world
     data = _data_fingerprint(x_train) if checkpoint_path is not None else None
 
     loop_state: Optional[LoopState] = None
@@ -585,7 +708,7 @@ def fit(
         snapshot=lambda: _snapshot(model),
         restore=model.load_state_dict,
         on_epoch_end=on_epoch_end,
-        save_state=None if checkpoint_path is None else save_state,
+        save_state=None if checkpoint_path is None or rank != 0 else save_state,
         resume=loop_state,
         max_seconds=max_seconds,
         evaluate_initial=evaluate_initial,
