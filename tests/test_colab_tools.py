@@ -162,6 +162,26 @@ def test_stand_in_kernel_takes_the_colab_branch(tmp_path: Path) -> None:
     assert out.cells[1].outputs[0]["ename"] == "ZeroDivisionError"
 
 
+def test_installed_kernel_of_the_student_pass_takes_the_local_branch(tmp_path: Path) -> None:
+    """The student pass's kernel: same python, no stand-in google.colab, so the setup cell installs nothing."""
+    stub = tmp_path / "stub"
+    rehearsal.write_stand_ins(stub)
+    kernels = rehearsal.write_kernelspec(tmp_path / "kernels", Path(sys.executable), stub, {})
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell('import sys\nassert "google.colab" not in sys.modules\nprint(sys.executable)')]
+    path = tmp_path / "nb.ipynb"
+    nbformat.write(nb, path)
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    venv = Path(sys.executable).parent.parent
+    result = rehearsal.run_notebook(path, kernels, rehearsal.clean_env(venv, tmp_path), cwd, timeout=60,
+                                    save_to=tmp_path / "out.ipynb", kernel_log=tmp_path / "kernel.log",
+                                    kernel_name=rehearsal.INSTALLED_KERNEL_NAME)
+    assert result.ok, result.problems
+    out = nbformat.read(tmp_path / "out.ipynb", as_version=4)
+    assert Path(out.cells[0].outputs[0]["text"].strip()).resolve() == Path(sys.executable).resolve()
+
+
 # ------------------------------------------------------------------------- student and solution notebooks
 def code(source: str, tags=(), nbgrader=None, outputs=()) -> nbformat.NotebookNode:
     meta = {"tags": list(tags)} if tags else {}

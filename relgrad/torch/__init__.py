@@ -1,4 +1,4 @@
-"""relgrad.torch: the PyTorch twin (``nn.Module``s, CPU or CUDA, float32 or float64, any ``torch.optim``).
+"""relgrad.torch: the PyTorch twin (``nn.Module`` layers, CPU or CUDA, float32 or float64, any ``torch.optim``).
 
 Same names and semantics as :mod:`relgrad.numpy` where they mean the same thing; switch backend by
 changing one import.  The layers are the library: :class:`RelativeLinear`, :class:`SmoothLeakyReLU` and
