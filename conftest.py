@@ -24,6 +24,10 @@ def pytest_addoption(parser):
 
 def pytest_configure(config):
     folder = config.getoption("--notebook-cache")
+    try:
+        import jupyter_cache  # noqa: F401  (Jupyter Book's; absent when only relgrad[test] is installed)
+    except ImportError:
+        folder = ""
     config._relgrad_notebooks = notebook_cache.NbvalRecorder(Path(folder) if folder else None)
 
 

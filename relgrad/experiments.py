@@ -343,7 +343,7 @@ def run(args: argparse.Namespace, *, command: str = "") -> Dict[str, Any]:
                on_epoch_end=on_epoch_end, on_divergence="stop")
     if hist.stopped_by == "diverged":
         say(f"stopped: {hist.error}")
-    if world > 1:
+    if args.distributed:  # (also with one process: it joined a group of one)
         import torch.distributed as dist
 
         dist.destroy_process_group()

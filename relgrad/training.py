@@ -311,6 +311,7 @@ def run_epochs(
     on_divergence: str = "raise",
     progress: Optional[bool] = None,
     log_every: int = 0,
+    agree: Optional[Callable[[bool], bool]] = None,
 ) -> History:
     """The epoch loop of both twins' ``fit`` (and so of ``python -m relgrad.experiments``).
 
@@ -340,6 +341,8 @@ def run_epochs(
       the run continues at ``resume.next_epoch`` up to the same last epoch an uninterrupted run would reach.
     * ``on_divergence``: ``"raise"`` re-raises :class:`~relgrad.errors.TrainingDivergedError` (after restoring the best
       parameters); ``"stop"`` records it (``stopped_by="diverged"``, ``error``) and returns the history.
+    * ``agree(flag) -> bool``: with several processes, turns this process's "out of time" at the end of an
+      epoch into the group's decision (any process out of time), so all stop at the same epoch.
 
     The best epoch's parameters are restored at the end, whatever stopped the run.
     """
@@ -425,7 +428,7 @@ def run_epochs(
                 if stopper.should_stop:
                     stopped_by = "patience"
                     break
-                if epoch < last and out_of_time():
+                if epoch < last and (out_of_time() if agree is None else agree(out_of_time())):
                     stopped_by = "time_cap"
                     break
     except TrainingDivergedError as err:

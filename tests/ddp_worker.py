@@ -111,12 +111,45 @@ def main(out: str) -> None:
                 "rank1_written": os.path.exists(f"{ckpt_dir}-{method}-rank1.pt"),
                 "vs_model": max(float((a - b).abs().max()) for a, b in zip(saved.parameters(), model.parameters())),
             }
-    # what fit refuses on several processes: no explicit seed, or other data on another process
+    # a time cut mid-epoch (decided by the group at a check), then a resume from rank 0's checkpoint, equals an
+    # uninterrupted run; every process stops at the same step
+    path = out + ".resume.pt"          # the same file on every process (one file system)
+    common = dict(method="relative", epochs=2, batch_size=4, lr=0.01, patience=None, generator=5, progress=False,
+                  check_every=3)
+    cut_model = make_model()
+    cut = rt.fit(DDP(cut_model), x_train, x_val, max_seconds=1e-9, checkpoint_path=path, **common)
+    dist.barrier()
+    resumed_model = make_model()
+    resumed = rt.fit(DDP(resumed_model), x_train, x_val, checkpoint_path=path, resume=True, **common)
+    straight_model = make_model()
+    straight = rt.fit(DDP(straight_model), x_train, x_val, **common)
+    steps = torch.tensor([float(cut.steps)])
+    gathered_steps = [torch.empty_like(steps) for _ in range(world)]
+    dist.all_gather(gathered_steps, steps)
+    if rank == 0:
+        results["fit/cut-resume"] = {
+            "cut": [cut.stopped_by, [float(t) for t in gathered_steps]],
+            "params": max(float((a - b).abs().max())
+                          for a, b in zip(resumed_model.parameters(), straight_model.parameters())),
+            "train_loss": [[r.train_loss for r in h.records] for h in (resumed, straight)],
+            "val": max(abs(a.val_log_likelihood - b.val_log_likelihood)
+                       for a, b in zip(resumed.records, straight.records)),
+        }
+
+    # what fit refuses on several processes
     refused = {}
-    for case in ("no_generator", "different_data"):
+    cases = {
+        "no_generator": dict(generator=None),
+        "different_data": dict(x_train=x_train + rank),
+        "reordered_data": dict(x_train=x_train.flip(0) if rank else x_train),
+        "seed_plus_rank": dict(generator=1 + rank),
+        "different_settings": dict(check_every=10 + rank),
+    }
+    for case, change in cases.items():
+        kwargs = dict(x_train=x_train, x_val=x_val, epochs=1, batch_size=4, generator=1, progress=False)
+        kwargs.update(change)
         try:
-            rt.fit(DDP(make_model()), x_train + (rank if case == "different_data" else 0), x_val, epochs=1,
-                   batch_size=4, generator=None if case == "no_generator" else 1, progress=False)
+            rt.fit(DDP(make_model()), **kwargs)
             refused[case] = None
         except ValueError as err:
             refused[case] = str(err)

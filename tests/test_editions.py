@@ -150,3 +150,23 @@ def test_fingerprint_is_the_same_in_pytest_and_in_make_book() -> None:
     out = subprocess.run([sys.executable, str(ROOT / "tools" / "notebook_cache.py"), "fingerprint"], cwd=ROOT / "tools",
                          capture_output=True, text=True, check=True).stdout
     assert json.loads(out) == notebook_cache.fingerprint()
+
+
+def test_nothing_is_stored_when_the_code_changed_while_the_notebooks_ran(notebook: Path, tmp_path: Path,
+                                                                         monkeypatch) -> None:
+    recorder = notebook_cache.NbvalRecorder(tmp_path / "cache")
+    _run(recorder, notebook)
+    other = dict(notebook_cache.fingerprint(), files="1" * 64)     # e.g. relgrad/ edited mid-run
+    monkeypatch.setattr(notebook_cache, "fingerprint", lambda: other)
+    assert recorder.finish([]) == [] and not (tmp_path / "cache").exists()
+
+
+def test_records_without_a_fingerprint_are_not_adopted(notebook: Path, tmp_path: Path) -> None:
+    cache_dir = tmp_path / "cache"
+    cache_dir.mkdir()
+    (cache_dir / "global.db").write_text("an older build's records")           # no stamp next to them
+    recorder = notebook_cache.NbvalRecorder(cache_dir)
+    _run(recorder, notebook)
+    recorder.finish([])
+    assert not (cache_dir / "global.db").read_bytes().startswith(b"an older")   # cleared, then a fresh cache
+    assert json.loads((cache_dir / notebook_cache.FINGERPRINT).read_text()) == notebook_cache.fingerprint()

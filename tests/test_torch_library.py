@@ -356,10 +356,17 @@ def test_ddp_two_gloo_ranks_equal_one_process(tmp_path) -> None:
     results = json.loads(out.read_text())["results"]
     methods = ("relative", "authors", "autodiff")
     assert set(results) == ({f"{m}/{o}" for m in methods for o in ("sgd", "adam")} | {f"fit/{m}" for m in methods}
-                            | {"fit/refused"})
+                            | {"fit/refused", "fit/cut-resume"})
     refused = results.pop("fit/refused")
     assert "needs generator= an explicit seed" in refused["no_generator"]
     assert "x_train differs between the processes" in refused["different_data"]
+    assert "x_train differs between the processes" in refused["reordered_data"]
+    assert "different shuffling states" in refused["seed_plus_rank"]
+    assert "the arguments differ between the processes" in refused["different_settings"]
+    cut = results.pop("fit/cut-resume")      # time cut agreed by both ranks, resume == uninterrupted
+    assert cut["cut"] == ["time_cap", [3.0, 3.0]]
+    assert cut["params"] < 1e-12 and cut["val"] < 1e-10
+    assert cut["train_loss"][0] == pytest.approx(cut["train_loss"][1], rel=1e-12)   # the cut epoch's loss too
     for key, r in results.items():
         print(key, r)
         assert r["between_ranks"] == 0.0 or r["between_ranks"] < 1e-14, key

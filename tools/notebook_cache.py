@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import sys
 import sysconfig
@@ -38,21 +39,25 @@ ROOT = Path(__file__).resolve().parents[1]
 #: Jupyter Book's cache folder (``execute.cache`` in _config.yml names the same path).
 CACHE_DIR = ROOT / "_build" / ".jupyter_cache"
 FINGERPRINT = "relgrad-fingerprint.json"
-#: What a chapter's outputs depend on besides its own code cells.
-INPUTS = ("relgrad", "book/_static", "requirements.txt", "pyproject.toml")
+#: What a chapter's outputs depend on besides its own code cells: the package, and the book's sources (a page
+#: may read other pages: the instructors' exercise table reads every chapter's exercises).
+INPUTS = ("relgrad", "book", "requirements.txt", "pyproject.toml")
+#: Environment variables that change what cells print (the Makefile and CI set them for tests and builds).
+ENVIRONMENT = ("TQDM_DISABLE", "PYTHONHASHSEED")
 
 
 def fingerprint() -> Dict[str, str]:
     """Hashes of everything besides the code cells that decides a chapter's outputs.
 
     Returns a dict: ``files`` (sha256 over the contents and paths of :data:`INPUTS`, bytecode excluded),
-    ``packages`` (sha256 over the name and version of every distribution in the environment's site-packages) and ``python``.
+    ``packages`` (sha256 over the name and version of every distribution in the environment's site-packages),
+    ``python`` and ``environment`` (the variables of :data:`ENVIRONMENT`) and ``python``.
     """
     files = hashlib.sha256()
     for top in INPUTS:
         path = ROOT / top
         for f in sorted([path] if path.is_file() else path.rglob("*")):
-            if f.is_file() and "__pycache__" not in f.parts and f.suffix != ".pyc":
+            if f.is_file() and not {"__pycache__", ".ipynb_checkpoints"} & set(f.parts) and f.suffix != ".pyc":
                 files.update(str(f.relative_to(ROOT)).encode() + b"\0" + f.read_bytes() + b"\0")
     # the environment's site-packages only: sys.path differs between processes (pytest puts the repository
     # root first, where an editable install leaves relgrad.egg-info), the installed packages do not
@@ -62,6 +67,7 @@ def fingerprint() -> Dict[str, str]:
         "files": files.hexdigest(),
         "packages": hashlib.sha256("\n".join(packages).encode()).hexdigest(),
         "python": sys.version,
+        "environment": {name: os.environ.get(name) for name in ENVIRONMENT},
     }
 
 
@@ -93,7 +99,8 @@ def _records(cache_dir: Path) -> List[str]:
     return [r.uri for r in get_cache(str(cache_dir)).list_cache_records()]
 
 
-def store(notebook_path: Path, cells: Dict[int, list], seconds: float, cache_dir: Path = CACHE_DIR) -> None:
+def store(notebook_path: Path, cells: Dict[int, list], seconds: float, cache_dir: Path = CACHE_DIR,
+          current: Optional[Dict[str, str]] = None) -> None:
     """Put ``notebook_path`` with the outputs nbval recorded (code-cell index -> outputs) into the cache.
 
     Execution counts are numbered 1, 2, ... over the code cells, as a fresh kernel would; the fingerprint is
@@ -113,8 +120,12 @@ def store(notebook_path: Path, cells: Dict[int, list], seconds: float, cache_dir
                 out.execution_count = count
     cache_dir.mkdir(parents=True, exist_ok=True)
     stamp = cache_dir / FINGERPRINT
-    current = fingerprint()
-    if stamp.exists() and json.loads(stamp.read_text()) != current:
+    current = fingerprint() if current is None else current
+    try:
+        same = json.loads(stamp.read_text()) == current
+    except (OSError, ValueError):   # no stamp: records of unknown code (e.g. an older build) are not kept
+        same = not any(cache_dir.iterdir())
+    if not same:
         shutil.rmtree(cache_dir)
         cache_dir.mkdir(parents=True)
     stamp.write_text(json.dumps(current, indent=1))
@@ -136,6 +147,8 @@ class NbvalRecorder:
 
     def __init__(self, cache_dir: Optional[Path]) -> None:
         self.cache_dir = cache_dir
+        # what the notebooks run with: taken before they run, compared again before anything is stored
+        self.started_with = fingerprint() if cache_dir else None
         self.outputs: Dict[str, Dict[int, list]] = {}
         self.failed: set = set()
         self.started: Dict[str, float] = {}
@@ -155,6 +168,10 @@ class NbvalRecorder:
         """Store every clean notebook; returns the stored paths."""
         if not self.cache_dir:
             return []
+        if fingerprint() != self.started_with:
+            print("notebook cache: relgrad/, the book, the packages or the environment changed during the tests: "
+                  "nothing stored")
+            return []
         import nbformat
 
         stored = []
@@ -165,7 +182,7 @@ class NbvalRecorder:
             n_code = sum(cell.cell_type == "code" for cell in nb.cells)
             if sorted(cells) != list(range(n_code)):
                 continue                       # some cells were deselected or never reported: not clean
-            store(Path(path), cells, self.ended[path] - self.started[path], self.cache_dir)
+            store(Path(path), cells, self.ended[path] - self.started[path], self.cache_dir, self.started_with)
             stored.append(path)
         return stored
 

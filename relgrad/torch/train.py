@@ -221,6 +221,27 @@ def _process_group(model: torch.nn.Module) -> tuple:
     return 0, 1, None
 
 
+#: Numbers for the methods in the agreement check of several processes.
+_METHOD_CODES = {"relative": 1, "authors": 2, "ordinary": 3, "autodiff": 4}
+
+
+def _ordered_fingerprint(x: torch.Tensor) -> List[float]:
+    """Three float64 sums of ``x`` that change when its rows are reordered (the data check of several
+    processes: each must hold the same rows in the same order)."""
+    x64 = x.detach().to(torch.float64).reshape(x.shape[0], -1) if x.dim() > 1 else x.detach().to(torch.float64)[:, None]
+    weights = torch.arange(1, x64.shape[0] + 1, dtype=torch.float64, device=x64.device)
+    return [float(x64.sum()), float((x64 * x64).sum()), float((weights[:, None] * x64).sum())]
+
+
+def _state_code(state: Any) -> float:
+    """A float standing for a generator state (48 bits of its sha256), to compare it between processes."""
+    import hashlib
+    import pickle
+
+    blob = state.cpu().numpy().tobytes() if isinstance(state, torch.Tensor) else pickle.dumps(state)
+    return float(int(hashlib.sha256(blob).hexdigest()[:12], 16))
+
+
 def _same_on_every_process(values: List[float], device: torch.device, group: Any) -> bool:
     """Whether ``values`` (a few floats) are equal on every process of ``group`` (two all-reduces)."""
     import torch.distributed as dist
@@ -334,7 +355,9 @@ class _TorchEpochs:
         except (TypeError, ValueError, RuntimeError) as err:
             raise CheckpointError(f"the checkpoint's shuffling state does not fit this run's generator: {err}") from err
         self.epoch_start_state = state["epoch_start_state"]
-        self.position, self.loss_sum, self.seen = int(state["position"]), float(state["loss_sum"]), int(state["seen"])
+        self.position, self.loss_sum, self.seen = int(state["position"]), float(state["loss_sum"]), state["seen"]
+        if self.rank != 0:  # the checkpoint's partial sums are the group's, held by rank 0 (see the time cut)
+            self.loss_sum, self.seen = 0.0, 0.0
 
     # ------------------------------------------------------------------ one epoch
     def _grads(self) -> List[torch.Tensor]:
@@ -371,15 +394,19 @@ class _TorchEpochs:
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
         return bool(t[0] > 0)
 
-    def _epoch_loss(self, total_rows: int) -> float:
-        """Mean training loss of the rows seen so far (over every process)."""
-        if self.world == 1:
-            return self.loss_sum / total_rows
+    def _group_sums(self) -> tuple:
+        """(sum of losses times rows, rows) over every process of the group (one all-reduce)."""
         import torch.distributed as dist
 
         t = torch.tensor([self.loss_sum, self.seen], dtype=torch.float64, device=self.x.device)
         dist.all_reduce(t, group=self.group)
-        return float(t[0]) / (total_rows if total_rows else max(float(t[1]), 1.0))
+        return float(t[0]), float(t[1])
+
+    def _epoch_loss(self, total_rows: int) -> float:
+        """Mean training loss of the epoch's rows (over every process)."""
+        if self.world == 1:
+            return self.loss_sum / total_rows
+        return self._group_sums()[0] / total_rows
 
     def __call__(self, epoch: int, step: int, out_of_time: Callable[[], bool]) -> EpochResult:
         n = self.x.shape[0]
@@ -445,8 +472,11 @@ class _TorchEpochs:
             batches.close()
         if cut:
             self.position = lo
-            return EpochResult(self._epoch_loss(0) if self.world > 1 else self.loss_sum / max(self.seen, 1),
-                               step, False)
+            if self.world > 1:  # from here on rank 0 holds the group's partial sums (what a checkpoint saves)
+                total, seen = self._group_sums()
+                self.loss_sum, self.seen = (total, seen) if self.rank == 0 else (0.0, 0.0)
+                return EpochResult(total / max(seen, 1.0), step, False)
+            return EpochResult(self.loss_sum / max(self.seen, 1), step, False)
         self.position = 0
         return EpochResult(self._epoch_loss(n), step, True)
 
@@ -650,14 +680,26 @@ def fit(
             raise ValueError(f"fit on {world} processes (DistributedDataParallel) needs generator= an explicit seed "
                              "(int, torch.Generator or NumPy Generator), the same on every process: each must "
                              "draw the same permutation of the training set")
-        if not _same_on_every_process([float(x_train.shape[0]), *_data_fingerprint(x_train)], x_train.device, group):
-            raise ValueError(f"fit on {world} processes: x_train differs between the processes; give every "
-                             "process the whole, identical training set (fit splits each global batch itself)")
+        for name, x in (("x_train", x_train), ("x_val", x_val)):
+            if not _same_on_every_process([float(x.shape[0]), *_ordered_fingerprint(x)], x.device, group):
+                raise ValueError(f"fit on {world} processes: {name} differs between the processes; give every "
+                                 f"process the whole, identical {name} in the same order (fit splits each global "
+                                 "batch itself)")
+        agreed = [batch_size, check_every, epochs, -1 if patience is None else patience,
+                  -1.0 if max_seconds is None else max_seconds, float(evaluate_initial), float(resume),
+                  float(_METHOD_CODES.get(method, -1))]
+        if not _same_on_every_process([float(v) for v in agreed], x_train.device, group):
+            raise ValueError(f"fit on {world} processes: the arguments differ between the processes (method, "
+                             "batch_size, check_every, epochs, patience, max_seconds, evaluate_initial, resume must "
+                             "be the same everywhere)")
     params = list(model.parameters())
     opt = make_adam(params, lr=lr) if optimizer is None else optimizer(params)
     runner = _TorchEpochs(wrapper, opt, x_train, method, batch_size, _shuffle_generator(generator, x_train.device),
                           check_every=check_every, batch_progress=batch_progress, rank=rank, world=world,
                           group=group)
+    if world > 1 and not _same_on_every_process([_state_code(runner.shuffle.get_state())], x_train.device, group):
+        raise ValueError(f"fit on {world} processes: generator= gives the processes different shuffling states; "
+                         "pass the same seed everywhere (not seed + rank), so that they draw the same permutation")
     caller_rng = _caller_rng_state(generator)  # after the one draw that seeded the shuffling
     settings = {"method": method, "batch_size": int(batch_size), "n_train": int(x_train.shape[0]),
                 "evaluate_initial": bool(evaluate_initial), "optimizer": type(opt).__name__}
@@ -685,6 +727,13 @@ def fit(
         best = loop["best"] if loop["best"] is not None else ckpt["state_dict"]
         best = {k: v.to(device=model.device) for k, v in _strip_module_prefix(best).items()}
         loop_state = LoopState.from_dict(loop, best=best)
+    if world > 1:  # every process resumed from the same checkpoint, or none did (shared file system)
+        where = [-1.0 if loop_state is None else float(loop_state.next_epoch), float(runner.position),
+                 *_ordered_fingerprint(torch.cat([p.detach().reshape(-1) for p in params]))]
+        if not _same_on_every_process(where, x_train.device, group):
+            raise CheckpointError(
+                f"fit on {world} processes: the processes did not resume from the same state ({checkpoint_path}): "
+                "the checkpoint must be on a file system that every process reads, and exist for all or none")
 
     def save_state(state: LoopState, best: Dict[str, torch.Tensor]) -> None:
         training = {
@@ -715,4 +764,5 @@ def fit(
         on_divergence=on_divergence,
         progress=progress,
         log_every=log_every,
+        agree=None if world == 1 else runner._anyone,
     )
