@@ -134,41 +134,14 @@ def test_errors_are_allowed_only_in_tagged_cells_and_tagged_cells_must_raise() -
     assert rehearsal.cell_problems(bad) == ["cell 0: ValueError: boom", "cell 1: tagged 'raises-exception' but raised nothing"]
 
 
-def test_stand_in_kernel_takes_the_colab_branch(tmp_path: Path) -> None:
-    """The stand-in launcher imports google.colab; the kernel runs in the given directory with the given env;
-    a raises-exception cell is allowed to raise."""
+def _run_in_rehearsal_kernel(tmp_path: Path, cells, extra_env, kernel_name: str = rehearsal.KERNEL_NAME):
+    """Kernelspecs of the rehearsal for this Python, one notebook of ``cells`` run in a fresh folder:
+    (result, executed notebook, the folder)."""
     stub = tmp_path / "stub"
     rehearsal.write_stand_ins(stub)
-    kernels = rehearsal.write_kernelspec(tmp_path / "kernels", Path(sys.executable), stub,
-                                         {"RELGRAD_PIP_TARGET": "relgrad @ git+file://localhost/x@main"})
+    kernels = rehearsal.write_kernelspec(tmp_path / "kernels", Path(sys.executable), stub, extra_env)
     nb = nbformat.v4.new_notebook()
-    nb.cells = [
-        nbformat.v4.new_code_cell('import os, sys\nassert "google.colab" in sys.modules\n'
-                                  'print(os.environ["RELGRAD_PIP_TARGET"], os.environ["TQDM_DISABLE"], os.getcwd())'),
-        nbformat.v4.new_code_cell("1 / 0", metadata={"tags": ["raises-exception"]}),
-        nbformat.v4.new_code_cell("open('left-behind.txt', 'w').close()"),
-    ]
-    path = tmp_path / "nb.ipynb"
-    nbformat.write(nb, path)
-    cwd = tmp_path / "cwd"
-    cwd.mkdir()
-    venv = Path(sys.executable).parent.parent
-    result = rehearsal.run_notebook(path, kernels, rehearsal.clean_env(venv, tmp_path), cwd, timeout=60,
-                                    save_to=tmp_path / "out.ipynb", kernel_log=tmp_path / "kernel.log")
-    assert result.ok, result.problems
-    assert result.left_files == ["left-behind.txt"]
-    out = nbformat.read(tmp_path / "out.ipynb", as_version=4)
-    assert out.cells[0].outputs[0]["text"].split() == ["relgrad", "@", "git+file://localhost/x@main", "1", str(cwd)]
-    assert out.cells[1].outputs[0]["ename"] == "ZeroDivisionError"
-
-
-def test_installed_kernel_of_the_student_pass_takes_the_local_branch(tmp_path: Path) -> None:
-    """The student pass's kernel: same python, no stand-in google.colab, so the setup cell installs nothing."""
-    stub = tmp_path / "stub"
-    rehearsal.write_stand_ins(stub)
-    kernels = rehearsal.write_kernelspec(tmp_path / "kernels", Path(sys.executable), stub, {})
-    nb = nbformat.v4.new_notebook()
-    nb.cells = [nbformat.v4.new_code_cell('import sys\nassert "google.colab" not in sys.modules\nprint(sys.executable)')]
+    nb.cells = cells
     path = tmp_path / "nb.ipynb"
     nbformat.write(nb, path)
     cwd = tmp_path / "cwd"
@@ -176,9 +149,31 @@ def test_installed_kernel_of_the_student_pass_takes_the_local_branch(tmp_path: P
     venv = Path(sys.executable).parent.parent
     result = rehearsal.run_notebook(path, kernels, rehearsal.clean_env(venv, tmp_path), cwd, timeout=60,
                                     save_to=tmp_path / "out.ipynb", kernel_log=tmp_path / "kernel.log",
-                                    kernel_name=rehearsal.INSTALLED_KERNEL_NAME)
+                                    kernel_name=kernel_name)
+    return result, nbformat.read(tmp_path / "out.ipynb", as_version=4), cwd
+
+
+def test_stand_in_kernel_takes_the_colab_branch(tmp_path: Path) -> None:
+    """The stand-in launcher imports google.colab; the kernel runs in the given directory with the given env;
+    a raises-exception cell is allowed to raise."""
+    result, out, cwd = _run_in_rehearsal_kernel(tmp_path, [
+        nbformat.v4.new_code_cell('import os, sys\nassert "google.colab" in sys.modules\n'
+                                  'print(os.environ["RELGRAD_PIP_TARGET"], os.environ["TQDM_DISABLE"], os.getcwd())'),
+        nbformat.v4.new_code_cell("1 / 0", metadata={"tags": ["raises-exception"]}),
+        nbformat.v4.new_code_cell("open('left-behind.txt', 'w').close()"),
+    ], {"RELGRAD_PIP_TARGET": "relgrad @ git+file://localhost/x@main"})
     assert result.ok, result.problems
-    out = nbformat.read(tmp_path / "out.ipynb", as_version=4)
+    assert result.left_files == ["left-behind.txt"]
+    assert out.cells[0].outputs[0]["text"].split() == ["relgrad", "@", "git+file://localhost/x@main", "1", str(cwd)]
+    assert out.cells[1].outputs[0]["ename"] == "ZeroDivisionError"
+
+
+def test_installed_kernel_of_the_student_pass_takes_the_local_branch(tmp_path: Path) -> None:
+    """The student pass's kernel: same python, no stand-in google.colab, so the setup cell installs nothing."""
+    result, out, _ = _run_in_rehearsal_kernel(tmp_path, [
+        nbformat.v4.new_code_cell('import sys\nassert "google.colab" not in sys.modules\nprint(sys.executable)')],
+        {}, kernel_name=rehearsal.INSTALLED_KERNEL_NAME)
+    assert result.ok, result.problems
     assert Path(out.cells[0].outputs[0]["text"].strip()).resolve() == Path(sys.executable).resolve()
 
 
