@@ -365,6 +365,7 @@ def test_ddp_two_gloo_ranks_equal_one_process(tmp_path) -> None:
     assert "the arguments differ between the processes" in refused["different_settings"]
     cut = results.pop("fit/cut-resume")      # time cut agreed by both ranks, resume == uninterrupted
     assert cut["cut"] == ["time_cap", [3.0, 3.0]]
+    assert cut["one_process"].startswith("CheckpointError") and "on 2 process(es)" in cut["one_process"]
     assert cut["params"] < 1e-12 and cut["val"] < 1e-10
     assert cut["train_loss"][0] == pytest.approx(cut["train_loss"][1], rel=1e-12)   # the cut epoch's loss too
     for key, r in results.items():

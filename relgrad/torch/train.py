@@ -713,6 +713,10 @@ def fit(
         tr = ckpt["training"]
         _check_match(model, ckpt, checkpoint_path)
         _check_settings(tr["settings"], {**settings, "data": data}, checkpoint_path)
+        if tr["settings"].get("processes", 1) != world:  # (absent in single-process checkpoints)
+            raise CheckpointError(
+                f"checkpoint {checkpoint_path} was written by a run on {tr['settings'].get('processes', 1)} "
+                f"process(es), this run has {world}: the global batch differs; resume with as many processes")
         _load_state(model, tr["model"], checkpoint_path)
         try:
             opt.load_state_dict(tr["optimizer"])
