@@ -39,7 +39,7 @@ def pytest_runtest_makereport(item, call):
 
 
 def pytest_sessionfinish(session):
-    stored = session.config._relgrad_notebooks.finish(session.items)
+    stored = session.config._relgrad_notebooks.finish()
     if stored:
         print(f"\nnotebook cache: {len(stored)} chapter(s) executed cleanly, stored for the book build in "
               f"{session.config.getoption('--notebook-cache')}")

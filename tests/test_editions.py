@@ -95,7 +95,7 @@ def test_clean_notebook_is_cached_with_its_outputs_and_matched_by_code(notebook:
     cache_dir = tmp_path / "cache"
     recorder = notebook_cache.NbvalRecorder(cache_dir)
     _run(recorder, notebook)
-    assert recorder.finish([]) == [str(notebook)]
+    assert recorder.finish() == [str(notebook)]
     cache = get_cache(str(cache_dir))
     fresh = nbformat.read(notebook, as_version=4)        # what the book build reads: no outputs
     _, merged = cache.merge_match_into_notebook(fresh)
@@ -112,19 +112,19 @@ def test_clean_notebook_is_cached_with_its_outputs_and_matched_by_code(notebook:
 def test_failed_or_partial_notebook_is_not_cached(notebook: Path, tmp_path: Path) -> None:
     recorder = notebook_cache.NbvalRecorder(tmp_path / "cache")
     _run(recorder, notebook, second="failed")
-    assert recorder.finish([]) == []
+    assert recorder.finish() == []
     partial = notebook_cache.NbvalRecorder(tmp_path / "cache")
     item = _nbval_item(notebook, 0, [])
     for when in ("setup", "call", "teardown"):
         partial.record(item, _report(when))                # the second cell was deselected
-    assert partial.finish([]) == [] and not (tmp_path / "cache").exists()
+    assert partial.finish() == [] and not (tmp_path / "cache").exists()
 
 
 def test_check_drops_a_cache_made_with_other_code(notebook: Path, tmp_path: Path, monkeypatch) -> None:
     cache_dir = tmp_path / "cache"
     recorder = notebook_cache.NbvalRecorder(cache_dir)
     _run(recorder, notebook)
-    recorder.finish([])
+    recorder.finish()
     assert notebook_cache.check(cache_dir) is True and cache_dir.exists()
     other = dict(notebook_cache.fingerprint(), files="0" * 64)    # relgrad/ edited since
     monkeypatch.setattr(notebook_cache, "fingerprint", lambda: other)
@@ -158,7 +158,7 @@ def test_nothing_is_stored_when_the_code_changed_while_the_notebooks_ran(noteboo
     _run(recorder, notebook)
     other = dict(notebook_cache.fingerprint(), files="1" * 64)     # e.g. relgrad/ edited mid-run
     monkeypatch.setattr(notebook_cache, "fingerprint", lambda: other)
-    assert recorder.finish([]) == [] and not (tmp_path / "cache").exists()
+    assert recorder.finish() == [] and not (tmp_path / "cache").exists()
 
 
 def test_records_without_a_fingerprint_are_not_adopted(notebook: Path, tmp_path: Path) -> None:
@@ -167,6 +167,6 @@ def test_records_without_a_fingerprint_are_not_adopted(notebook: Path, tmp_path:
     (cache_dir / "global.db").write_text("an older build's records")           # no stamp next to them
     recorder = notebook_cache.NbvalRecorder(cache_dir)
     _run(recorder, notebook)
-    recorder.finish([])
+    recorder.finish()
     assert not (cache_dir / "global.db").read_bytes().startswith(b"an older")   # cleared, then a fresh cache
     assert json.loads((cache_dir / notebook_cache.FINGERPRINT).read_text()) == notebook_cache.fingerprint()

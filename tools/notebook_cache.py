@@ -164,7 +164,7 @@ class NbvalRecorder:
             self.failed.add(path)
         self.ended[path] = time.perf_counter()
 
-    def finish(self, items) -> List[str]:
+    def finish(self) -> List[str]:
         """Store every clean notebook; returns the stored paths."""
         if not self.cache_dir:
             return []

@@ -19,6 +19,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Union
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from ..errors import CheckpointError, TrainingDivergedError
 from ..training import (
@@ -211,8 +212,6 @@ def _process_group(model: torch.nn.Module) -> tuple:
     m = model
     for _ in range(16):
         if isinstance(m, DistributedDataParallel):
-            import torch.distributed as dist
-
             return dist.get_rank(m.process_group), dist.get_world_size(m.process_group), m.process_group
         inner = getattr(m, "_orig_mod", None)
         if not isinstance(inner, torch.nn.Module):
@@ -244,8 +243,6 @@ def _state_code(state: Any) -> float:
 
 def _same_on_every_process(values: List[float], device: torch.device, group: Any) -> bool:
     """Whether ``values`` (a few floats) are equal on every process of ``group`` (two all-reduces)."""
-    import torch.distributed as dist
-
     t = torch.tensor(values, dtype=torch.float64, device=device)
     hi, lo = t.clone(), -t
     dist.all_reduce(hi, op=dist.ReduceOp.MAX, group=group)
@@ -388,16 +385,12 @@ class _TorchEpochs:
 
     def _anyone(self, flag: bool) -> bool:
         """Whether ``flag`` holds on any process of the group (one all-reduce)."""
-        import torch.distributed as dist
-
         t = torch.tensor([float(flag)], dtype=torch.float32, device=self.x.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
         return bool(t[0] > 0)
 
     def _group_sums(self) -> tuple:
         """(sum of losses times rows, rows) over every process of the group (one all-reduce)."""
-        import torch.distributed as dist
-
         t = torch.tensor([self.loss_sum, self.seen], dtype=torch.float64, device=self.x.device)
         dist.all_reduce(t, group=self.group)
         return float(t[0]), float(t[1])
@@ -437,8 +430,6 @@ class _TorchEpochs:
             self.rows[i].copy_(row)
             ok = (row.abs() <= self.limits).all()
             if self.all_ok is not None:  # apply the step on every process or on none
-                import torch.distributed as dist
-
                 flag = ok.to(torch.float32)
                 dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.group)
                 self.all_ok[i].copy_(flag)
