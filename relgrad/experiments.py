@@ -58,6 +58,11 @@ __all__ = ["build_parser", "main", "run", "checkpoint_path", "results_dir", "loa
 HISTORY_FIELDS = (
     "epoch", "steps", "seconds", "train_loss", "val_logit_nats", "val_bpd", "partial", "best",
 )
+#: ``--optimizer`` choices.
+OPTIMIZERS = ("adam", "relative-adam", "relative-sgd")
+#: Extra CSV columns of ``--diagnostics``, per layer k (1-based): bias norm, condition number, the probe step's
+#: rotation ratio; and the probe step's cosine with minus the exact gradient, all layers together.
+DIAGNOSTIC_FIELDS = ("bias_norm", "cond", "skew_ratio")
 #: Split sizes of ``--quick`` (train, val, test).
 QUICK_SIZES = (200, 100, 100)
 
@@ -80,8 +85,10 @@ def load_result(name: str) -> Dict[str, Any]:
 def read_history(path: "str | os.PathLike[str]") -> Dict[str, np.ndarray]:
     """The per-epoch CSV as a dict of float arrays (``partial`` and ``best`` as 0/1)."""
     with open(path, newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    return {key: np.array([float(r[key]) for r in rows]) for key in HISTORY_FIELDS}
+        reader = csv.DictReader(handle)
+        rows = list(reader)
+        keys = list(reader.fieldnames or HISTORY_FIELDS)
+    return {key: np.array([float(r[key]) if r[key] not in ("", None) else math.nan for r in rows]) for key in keys}
 
 
 # ============================================================================================ CLI
@@ -103,8 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     d = p.add_argument_group("data")
-    d.add_argument("--dataset", default="fashion-mnist", choices=["digits", "mnist", "fashion-mnist"],
-                   help="image dataset (default: fashion-mnist, read offline from Debian's package or --data-dir)")
+    d.add_argument("--dataset", default="fashion-mnist", choices=["digits", "mnist", "fashion-mnist", "mnist-14", "fashion-mnist-14"],
+                   help="image dataset (default: fashion-mnist, read offline from Debian's package or --data-dir; "
+                        "the -14 variants are downsampled to 14 x 14 by 2 x 2 area sums, D = 196)")
     d.add_argument("--data-dir", default=None,
                    help="folder with the four IDX files (default: relgrad.datasets.default_data_dir)")
     d.add_argument("--download", action="store_true",
@@ -125,6 +133,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="gradient (default relative: the strict augmented-matrix rule)")
     m.add_argument("--batch-size", type=int, default=10, help="minibatch size M (default 10, the paper's)")
     m.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (default 1e-4, the paper's)")
+    m.add_argument("--optimizer", default="adam", choices=list(OPTIMIZERS),
+                   help="adam (torch.optim.Adam on the chosen gradient, default), relative-adam "
+                        "(relgrad.torch.optim.RelativeAdam: factored second moments in the Lie algebra) or "
+                        "relative-sgd (RelativeSGD: relative gradient with EMA momentum); the relative-* "
+                        "optimisers compute their own update from the layers' batches, whatever --method says")
+    m.add_argument("--momentum", type=float, default=0.9, help="beta1 / momentum of the optimiser (default 0.9)")
+    m.add_argument("--beta2", type=float, default=0.999, help="second-moment decay of adam/relative-adam (default 0.999)")
+    m.add_argument("--max-lie-norm", type=float, default=None,
+                   help="relative-* optimisers: cap ||lr P||_F of each layer's Lie-algebra step (default: none)")
+    m.add_argument("--schedule", default="constant", choices=["constant", "cosine", "jax-adam"],
+                   help="learning-rate schedule per step: constant (default), cosine (to --final-lr at --epochs; a "
+                        "resumed run must keep --epochs, which defines the cosine), "
+                        "jax-adam (Adam's step sizes of the authors' JAX loop, which passes the epoch as the step "
+                        "count; only with --optimizer adam)")
+    m.add_argument("--final-lr", type=float, default=1e-5, help="the cosine schedule's last learning rate (default 1e-5)")
+    m.add_argument("--warmup-epochs", type=float, default=0.0,
+                   help="linear warm-up of the learning rate over this many epochs, per step (default 0; SNF uses 10)")
+    m.add_argument("--diagnostics", action="store_true",
+                   help="per epoch, also log ||b_k||, cond(W_k) and, for one probe step on a fixed batch from a copy "
+                        "of the model and optimiser, the rotation ratio ||A - A^T|| / ||A + A^T|| of its "
+                        "multiplicative step A = dW W^-1 and its cosine with minus the exact gradient (O(D^3), "
+                        "once per epoch)")
     m.add_argument("--epochs", type=int, default=100, help="maximum number of epochs (default 100)")
     m.add_argument("--patience", type=int, default=30,
                    help="early-stopping patience in epochs (default 30, the authors' look-ahead; 0 = never)")
@@ -158,12 +188,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _write_history(path: Path, history: List[Dict[str, Any]]) -> None:
-    """(Re)write the per-epoch CSV with every row so far."""
+    """(Re)write the per-epoch CSV with every row so far (the diagnostic columns after the standard ones)."""
+    fields = list(HISTORY_FIELDS) + [k for k in (history[0] if history else {}) if k not in HISTORY_FIELDS]
     with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=HISTORY_FIELDS)
+        writer = csv.DictWriter(handle, fieldnames=fields)
         writer.writeheader()
         for row in history:
-            writer.writerow({k: (f"{row[k]:.6f}" if isinstance(row[k], float) else row[k]) for k in HISTORY_FIELDS})
+            writer.writerow({k: (f"{row[k]:.6g}" if isinstance(row[k], float) and k not in HISTORY_FIELDS
+                                 else f"{row[k]:.6f}" if isinstance(row[k], float) else row[k]) for k in fields})
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
@@ -241,6 +273,114 @@ def _per_sample_log_likelihood(model: Any, x: Any, chunk: int = 2000) -> np.ndar
     return np.concatenate(out)
 
 
+def _optimizer_description(args: argparse.Namespace) -> str:
+    if args.optimizer == "adam":
+        return f"Adam (torch, betas ({args.momentum}, {args.beta2}))"
+    if args.optimizer == "relative-adam":
+        return f"RelativeAdam (relgrad.torch.optim, betas ({args.momentum}, {args.beta2}), factored)"
+    return f"RelativeSGD (relgrad.torch.optim, momentum {args.momentum})"
+
+
+def _optimizer_setup(args: argparse.Namespace, model: Any, steps_per_epoch: int, epochs: int, world: int) -> tuple:
+    """(optimizer factory for fit, lr schedule or None, list that receives each optimiser made)."""
+    import torch
+
+    from .torch.optim import RelativeAdam, RelativeSGD, jax_adam_schedule, warmup_cosine_schedule
+
+    made: List[Any] = []
+    betas = (float(args.momentum), float(args.beta2))
+    if args.optimizer != "adam" and world > 1:
+        raise SystemExit(f"--optimizer {args.optimizer} does not support --distributed yet (use adam)")
+    if args.schedule == "jax-adam" and args.optimizer != "adam":
+        raise SystemExit("--schedule jax-adam reproduces Adam's step sizes in the authors' JAX loop: use --optimizer adam")
+
+    def factory(params: Any, flow: Any = model) -> Any:
+        if args.optimizer == "adam":
+            try:
+                opt = torch.optim.Adam(params, lr=args.lr, betas=betas, fused=True)
+            except (RuntimeError, ValueError, TypeError):
+                opt = torch.optim.Adam(params, lr=args.lr, betas=betas)
+        elif args.optimizer == "relative-adam":
+            opt = RelativeAdam(flow, lr=args.lr, betas=betas, max_lie_norm=args.max_lie_norm)
+        else:
+            opt = RelativeSGD(flow, lr=args.lr, momentum=args.momentum, max_lie_norm=args.max_lie_norm)
+        made.append(opt)
+        return opt
+
+    total = max(int(epochs) * steps_per_epoch, 1)
+    warm = int(round(float(args.warmup_epochs) * steps_per_epoch))
+    if args.schedule == "jax-adam":
+        schedule = jax_adam_schedule(steps_per_epoch, betas)
+        if warm:
+            ramp = warmup_cosine_schedule(total, warmup_steps=warm)
+            return factory, (lambda t: schedule(t) * ramp(t)), made
+        return factory, schedule, made
+    if args.schedule == "cosine":
+        return factory, warmup_cosine_schedule(total, warmup_steps=warm, final_factor=args.final_lr / args.lr), made
+    return factory, (warmup_cosine_schedule(total, warmup_steps=warm) if warm else None), made
+
+
+class _Diagnostics:
+    """Per-epoch numbers that tell the hypotheses about the relative-vs-exact gap apart (``--diagnostics``).
+
+    For each layer: ``||b_k||`` and ``cond(W_k)`` (2-norm, from singular values).  Then one *probe step*: a copy
+    of the model and of the optimiser's state takes one step on a fixed batch (the first ``batch_size``
+    training rows) with the run's gradient and optimiser, without touching the run; its multiplicative step
+    ``A_k = [dW_k | db_k] Ahat_k^{-1}`` gives the rotation ratio ``||A - A^T||_F / ||A + A^T||_F`` of its square
+    part, and the cosine of the whole update with minus the exact gradient (autodiff through slogdet) of the
+    mean loss over the first 2000 training rows says whether it points downhill.  Each value depends only on
+    the state at the end of the epoch, so a resumed run logs the same numbers.
+    """
+
+    def __init__(self, model: Any, x_train: Any, args: argparse.Namespace, factory: Any, made: List[Any]) -> None:
+        self.model, self.args, self.factory, self.made = model, args, factory, made
+        self.batch = x_train[: int(args.batch_size)]
+        self.ref = x_train[: min(2000, x_train.shape[0])]
+
+    def __call__(self) -> Dict[str, float]:
+        import copy
+
+        import torch
+
+        from .torch import training_loss
+
+        model, out = self.model, {}
+        with torch.no_grad():
+            for k, layer in enumerate(model.layers, start=1):
+                sv = torch.linalg.svdvals(layer.weight.double())
+                out[f"bias_norm_{k}"] = float(layer.bias.double().norm())
+                out[f"cond_{k}"] = float(sv[0] / sv[-1])
+        twin = copy.deepcopy(model)
+        twin.train()
+        opt = self.factory(list(twin.parameters()), twin)
+        self.made.pop()  # the probe's optimiser is not the run's
+        if self.made:
+            opt.load_state_dict(self.made[-1].state_dict())
+        before = [p.detach().clone() for p in twin.parameters()]
+        opt.zero_grad(set_to_none=True)
+        training_loss(twin, self.batch, self.args.method).backward()
+        opt.step()
+        step = [p.detach() - b for p, b in zip(twin.parameters(), before)]
+        ref = copy.deepcopy(model)
+        ref.train()
+        ref.zero_grad(set_to_none=True)
+        training_loss(ref, self.ref, "autodiff").backward()
+        grad = [p.grad for p in ref.parameters()]
+        flat_step = torch.cat([s.reshape(-1) for s in step]).double()
+        flat_grad = torch.cat([g.reshape(-1) for g in grad]).double()
+        out["cos_descent"] = float(-(flat_step @ flat_grad) / (flat_step.norm() * flat_grad.norm()).clamp_min(1e-300))
+        with torch.no_grad():
+            for k, layer in enumerate(model.layers, start=1):
+                w = layer.weight.double()
+                dw = twin.layers[k - 1].weight.double() - w
+                a = torch.linalg.solve(w.T, dw.T).T   # dW W^-1 (the square part of the augmented step)
+                skew = torch.linalg.matrix_norm(a - a.T)
+                sym = torch.linalg.matrix_norm(a + a.T)
+                out[f"skew_ratio_{k}"] = float(skew / sym) if float(sym) > 0 else math.nan
+        del opt
+        return out
+
+
 def _finite_or_none(v: float) -> Optional[float]:
     return float(v) if math.isfinite(float(v)) else None
 
@@ -288,14 +428,14 @@ def run(args: argparse.Namespace, *, command: str = "") -> Dict[str, Any]:
     if args.download:
         if args.dataset == "digits":
             raise SystemExit("--download applies to mnist and fashion-mnist only (digits ship with scikit-learn)")
-        datasets.download_mnist(args.data_dir, kind=args.dataset)
+        datasets.download_mnist(args.data_dir, kind=args.dataset.removesuffix("-14"))
     split = datasets.load_dataset(args.dataset, rng=np.random.default_rng(seeds[0]), sizes=sizes,
                                   space="logit", lam=args.lam, directory=args.data_dir)
     info = split.info
     levels, lam, dim = int(info["levels"]), float(info["lam"]), split.dim
     data_dir = None
     if args.dataset != "digits":
-        data_dir = str(Path(args.data_dir) if args.data_dir else datasets.default_data_dir(args.dataset))
+        data_dir = str(Path(args.data_dir) if args.data_dir else datasets.default_data_dir(args.dataset.removesuffix("-14")))
     # Constant shifting logit-space nats to pixel-space nats on the validation set (Jacobian - D log K).
     val_shift = float(np.mean(datasets.logit_log_jacobian(split.val, lam))) - dim * math.log(levels)
     logit_test, whitener = split.test, None  # the image Jacobians are those of the logit-space data
@@ -318,15 +458,27 @@ def run(args: argparse.Namespace, *, command: str = "") -> Dict[str, Any]:
         trained = DistributedDataParallel(model, device_ids=[where.index] if where.type == "cuda" else None)
     shuffle_seed = int(np.random.default_rng(seeds[1]).integers(2**62))
     cap = None if args.max_minutes is None else 60.0 * float(args.max_minutes)
+    steps_per_epoch = math.ceil(x_train.shape[0] / int(args.batch_size))
+    make_optimizer, lr_schedule, made = _optimizer_setup(args, model, steps_per_epoch, epochs, world)
+    probe = _Diagnostics(model, x_train, args, make_optimizer, made) if args.diagnostics else None
     patience = None if args.patience in (None, 0) else int(args.patience)
     resumed = bool(args.resume and ckpt is not None and ckpt.exists())
 
     def row_of(rec: Any) -> Dict[str, Any]:
         val = rec.val_log_likelihood + flow_to_logit
-        return {"epoch": rec.epoch, "steps": rec.steps, "seconds": rec.seconds, "train_loss": rec.train_loss,
-                "val_logit_nats": val, "val_bpd": to_bpd(val), "partial": int(rec.partial), "best": int(rec.best)}
+        row = {"epoch": rec.epoch, "steps": rec.steps, "seconds": rec.seconds, "train_loss": rec.train_loss,
+               "val_logit_nats": val, "val_bpd": to_bpd(val), "partial": int(rec.partial), "best": int(rec.best)}
+        return {**row, **diagnostics.get(rec.epoch, {})}
+
+    diagnostics: Dict[int, Dict[str, float]] = {}
+    if resumed and probe is not None and out_csv.exists():  # the rows before the restart keep their values
+        old = read_history(out_csv)
+        for i, ep in enumerate(old["epoch"]):
+            diagnostics[int(ep)] = {k: float(v[i]) for k, v in old.items() if k not in HISTORY_FIELDS}
 
     def on_epoch_end(rec: Any, hist: Any) -> None:
+        if probe is not None:
+            diagnostics[rec.epoch] = probe()
         if rank == 0:  # every epoch: a killed run keeps its curve
             _write_history(out_csv, [row_of(r) for r in hist.records])
         row = row_of(rec)
@@ -337,7 +489,7 @@ def run(args: argparse.Namespace, *, command: str = "") -> Dict[str, Any]:
     if resumed:
         say(f"resuming from {ckpt}")
     hist = fit(trained, x_train, x_val, method=args.method, epochs=epochs, batch_size=args.batch_size // world,
-               lr=args.lr,
+               lr=args.lr, optimizer=make_optimizer, lr_schedule=lr_schedule,
                patience=patience, generator=shuffle_seed, progress=False, batch_progress=None,
                checkpoint_path=ckpt, resume=bool(args.resume), max_seconds=cap, evaluate_initial=True,
                on_epoch_end=on_epoch_end, on_divergence="stop")
@@ -384,7 +536,10 @@ def run(args: argparse.Namespace, *, command: str = "") -> Dict[str, Any]:
         "sizes": {"train": int(x_train.shape[0]), "val": int(x_val.shape[0]), "test": int(x_test.shape[0])},
         "hyperparameters": {
             "method": args.method, "layers": args.layers, "batch_size": args.batch_size, "lr": args.lr,
-            "optimizer": "Adam (torch, default betas)", "alpha": args.alpha, "lam": lam,
+            "optimizer": _optimizer_description(args), "schedule": args.schedule,
+            "warmup_epochs": args.warmup_epochs, "final_lr": args.final_lr if args.schedule == "cosine" else None,
+            "momentum": args.momentum, "beta2": args.beta2, "max_lie_norm": args.max_lie_norm,
+            "diagnostics": bool(args.diagnostics), "alpha": args.alpha, "lam": lam,
             "epochs": epochs, "patience": patience, "max_minutes": args.max_minutes, "seed": args.seed,
             "dtype": args.dtype, "quick": bool(args.quick), "whiten": bool(args.whiten),
         },

@@ -632,3 +632,23 @@ def test_no_network_when_loading(monkeypatch):
     ds.load_dataset("digits", rng=0)
     for name in ds.TOY_DATASETS:
         ds.load_dataset(name, rng=0, sizes=(10, 10, 10))
+
+
+def test_block_sums_downsample_by_2x2_areas_exactly():
+    rng = np.random.default_rng(3)
+    pixels = rng.integers(0, 256, (4, 28, 28))
+    out = ds.block_sums(pixels)
+    ref = np.array([[[pixels[n, 2 * i:2 * i + 2, 2 * j:2 * j + 2].sum() for j in range(14)] for i in range(14)]
+                    for n in range(4)])
+    np.testing.assert_array_equal(out, ref)
+    assert ds.block_sums(np.full((1, 784), 255)).max() == 1020
+
+
+def test_fourteen_by_fourteen_variant_loads_with_1021_levels(tmp_path):
+    data = write_fake_mnist(tmp_path)
+    n_train = len(data["train_images"])
+    split = ds.load_dataset("fashion-mnist-14", rng=0, sizes=(n_train - 2, 2, 3), directory=tmp_path, space="pixels")
+    assert split.dim == 196 and split.info["levels"] == 1021 and split.info["image_shape"] == (14, 14)
+    # dequantised pixels lie in [sum, sum + 1) of the integer block sums
+    sums = ds.block_sums(data["train_images"][: n_train - 2]).reshape(n_train - 2, -1)
+    assert np.all(split.train >= sums) and np.all(split.train < sums + 1)

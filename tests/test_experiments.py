@@ -228,3 +228,25 @@ def test_distributed_outside_torchrun_says_how_to_start_it(tmp_path, monkeypatch
     with pytest.raises(SystemExit, match="torchrun --nproc_per_node 2 -m relgrad.experiments --distributed"):
         experiments.main(["--quick", "--dataset", "digits", "--distributed", "--device", "cpu",
                           "--out", str(tmp_path / "x.csv")])
+
+
+def test_relative_adam_with_diagnostics_resumes_as_if_uninterrupted(tmp_path, monkeypatch):
+    """--optimizer relative-adam --warmup-epochs --diagnostics: the extra columns are logged per epoch, and a
+    resumed run gives the same CSV (diagnostics included, all but the seconds) as a straight one."""
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    common = ["--dataset", "digits", "--train-size", "200", "--val-size", "100", "--test-size", "100",
+              "--quiet", "--device", "cpu", "--threads", "1", "--batch-size", "20", "--lr", "1e-3",
+              "--optimizer", "relative-adam", "--warmup-epochs", "0.5", "--diagnostics",
+              "--alpha", "0.3"]
+    straight = experiments.main([*common, "--epochs", "3", "--out", str(tmp_path / "straight.csv")])
+    out = tmp_path / "resumed.csv"
+    experiments.main([*common, "--epochs", "1", "--out", str(out), "--resume"])
+    experiments.main([*common, "--epochs", "3", "--out", str(out), "--resume"])
+    rows = _rows(out)
+    assert rows == _rows(tmp_path / "straight.csv") and len(rows) == 4
+    for k in ("bias_norm_1", "cond_2", "skew_ratio_1", "cos_descent"):
+        assert all(math.isfinite(float(r[k])) for r in rows), k
+    assert float(rows[-1]["cond_1"]) >= 1.0 and float(rows[-1]["bias_norm_1"]) > 0
+    assert straight["hyperparameters"]["optimizer"].startswith("RelativeAdam")
+    h = experiments.read_history(out)
+    assert h["cos_descent"].shape == (4,)

@@ -33,7 +33,7 @@ from .images import (
     load_idx_labels,
     read_idx,
 )
-from .loader import DATASETS, Split, load_dataset, standardize, whiten
+from .loader import DATASETS, Split, block_sums, load_dataset, standardize, whiten
 from .metrics import (
     bits_per_dim,
     bits_per_dim_from_logit,
@@ -70,6 +70,7 @@ __all__ = [
     "standardize",
     "Whitener",
     "whiten",
+    "block_sums",
     "load_digits_pixels",
     "dequantize",
     "logit_transform",

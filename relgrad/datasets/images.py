@@ -37,7 +37,7 @@ __all__ = [
 
 #: Image datasets :func:`~relgrad.datasets.load_dataset` understands (digits is bundled; the other two
 #: read IDX files).
-IMAGE_DATASETS: Tuple[str, ...] = ("digits", "mnist", "fashion-mnist")
+IMAGE_DATASETS: Tuple[str, ...] = ("digits", "mnist", "fashion-mnist", "mnist-14", "fashion-mnist-14")
 
 
 # ============================================================================================ digits

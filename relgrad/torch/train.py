@@ -293,7 +293,8 @@ class _TorchEpochs:
 
     def __init__(self, model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, method: str,
                  batch_size: int, shuffle: _Shuffle, *, check_every: int = 100,
-                 batch_progress: Optional[bool] = False, rank: int = 0, world: int = 1, group: Any = None) -> None:
+                 batch_progress: Optional[bool] = False, rank: int = 0, world: int = 1, group: Any = None,
+                 lr_schedule: Optional[Callable[[int], float]] = None) -> None:
         if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         if isinstance(check_every, bool) or not isinstance(check_every, (int, np.integer)) or check_every < 1:
@@ -301,6 +302,10 @@ class _TorchEpochs:
         self.model, self.opt, self.x, self.method = model, opt, x, method
         self.batch_size, self.check_every, self.batch_progress = int(batch_size), int(check_every), batch_progress
         self.shuffle = shuffle
+        # lr of each parameter group at step t (0-based, counted over the whole run) = its lr at construction
+        # times lr_schedule(t): a function of the step only, so a resumed run gets the same rates
+        self.lr_schedule = lr_schedule
+        self.base_lrs = [float(g["lr"]) for g in opt.param_groups]
         flow = unwrap(model)          # model itself is what trains (a DDP wrapper synchronises the gradients)
         self.named = [(n, p) for n, p in flow.named_parameters() if p.requires_grad]
         self.params = [p for _, p in self.named]
@@ -435,6 +440,10 @@ class _TorchEpochs:
                 self.all_ok[i].copy_(flag)
                 ok = flag > 0
             self.alive.mul_(ok)
+            if self.lr_schedule is not None:
+                factor_t = float(self.lr_schedule(step))
+                for g, base in zip(self.opt.param_groups, self.base_lrs):
+                    g["lr"] = base * factor_t
             if self.skip_on_device:
                 torch.sub(1.0, self.alive, out=self.found_inf)
                 self.opt.found_inf, self.opt.grad_scale = self.found_inf, None  # GradScaler's protocol
@@ -616,6 +625,7 @@ def fit(
     optimizer: Optional[OptimizerFactory] = None,
     check_every: int = 100,
     batch_progress: Optional[bool] = False,
+    lr_schedule: Optional[Callable[[int], float]] = None,
 ) -> History:
     """Maximum-likelihood training with Adam and the chosen gradient, early stopping on the exact val LL.
 
@@ -641,7 +651,11 @@ def fit(
     * ``max_seconds``: wall-clock budget; may stop mid-epoch (that epoch is evaluated, marked partial).
     * ``evaluate_initial``: evaluate the untrained model as epoch 0 (training epochs are then 1..epochs).
     * ``on_epoch_end(record, history)``: called after each evaluated epoch (an :class:`~relgrad.training.EpochRecord`).
-    * ``optimizer``: a function ``params -> torch.optim.Optimizer`` (default: :func:`~relgrad.torch.make_adam` with ``lr``).
+    * ``optimizer``: a function ``params -> torch.optim.Optimizer`` (default: :func:`~relgrad.torch.make_adam` with ``lr``);
+      for :class:`~relgrad.torch.optim.RelativeAdam`, which takes the model: ``lambda params: RelativeAdam(flow, lr)``.
+    * ``lr_schedule``: ``t -> factor``; before step ``t`` (0-based over the whole run, resumed runs included)
+      every parameter group's learning rate is its initial one times ``factor`` (warm-up, cosine decay, the
+      JAX Adam step count of :func:`relgrad.torch.optim.jax_adam_schedule`).
     * ``progress``: True/False shows/hides the epoch bar, None honours ``TQDM_DISABLE``; ``batch_progress``
       the same for a bar per epoch over its minibatches (default off); ``log_every > 0`` prints a line every
       that many epochs.  Epochs are numbered from 0.
@@ -687,7 +701,7 @@ def fit(
     opt = make_adam(params, lr=lr) if optimizer is None else optimizer(params)
     runner = _TorchEpochs(wrapper, opt, x_train, method, batch_size, _shuffle_generator(generator, x_train.device),
                           check_every=check_every, batch_progress=batch_progress, rank=rank, world=world,
-                          group=group)
+                          group=group, lr_schedule=lr_schedule)
     if world > 1 and not _same_on_every_process([_state_code(runner.shuffle.get_state())], x_train.device, group):
         raise ValueError(f"fit on {world} processes: generator= gives the processes different shuffling states; "
                          "pass the same seed everywhere (not seed + rank), so that they draw the same permutation")

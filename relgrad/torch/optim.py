@@ -1,0 +1,383 @@
+"""Optimisers whose statistics live in the relative (Lie-algebra) coordinates of each dense layer.
+
+Why: Adam rescales every *entry* of ``weight.grad``.  With the relative gradient ``R = E W`` (``E`` the
+gradient in the coordinates of a multiplicative step ``W <- (I - eps A) W``) that per-entry rescaling is
+done in a basis that has no meaning for the group of invertible matrices: it changes the step's direction
+in the Lie algebra (it adds rotations), and it makes training depend on an affine change of the input,
+which the relative gradient itself does not (equivariance, Cardoso & Laheld 1996).  The optimisers here
+keep their statistics in the Lie algebra and apply the step multiplicatively, so they inherit the
+equivariance.
+
+The Lie-algebra gradient of a layer ``Y = Z W^T + 1 b^T`` (batch rows, ``Delta = dLoss/dY``, ``c_m =
+dLoss/dr_m`` for its log-determinant stand-in, ``csum = sum_m c_m``, ``-1`` for ``-mean log p``) in the
+augmented coordinates ``Ahat = [[W, b], [0, 1]]`` is the D x (D+1) matrix
+
+    Etil = Delta^T [Y | 1] + csum [I | 0]            (the relative gradient is Etil Ahat: R_W = E W, ...)
+
+:class:`RelativeAdam` (R1 of the optimiser research note): Adafactor-style second moments of ``Etil**2``
+factored by rows (D) and columns (D+1), ``1/sqrt(Vhat_ij) = a_i c_j``; the preconditioned Lie step is
+``P = diag(a) Etil diag(c)`` and its update in parameter coordinates ``U = P Ahat`` is formed in rank-M form
+(``diag(a) Delta^T ((Ytil diag c) Ahat) + csum diag(a c) [W | b]``): two M x D x D products, never a
+D x D x D product, an inverse or a solve.  Momentum is kept in parameter coordinates (``m`` is then the same
+linear image of the Lie-algebra momentum at the current W, up to the change of W over its horizon).  An
+optional trust region ``max_lie_norm`` caps ``||lr P||_F`` (a bound on the spectral norm, so ``I - lr P``
+stays invertible when it is below 1).  ``precondition="none"`` keeps ``a = c = 1``: relative SGD with (EMA)
+momentum and the same trust region, exported as :class:`RelativeSGD`.
+
+Cost per layer and step, on top of the layer's own backward: ``Etil`` explicitly (M D (D+1) multiply-adds)
+for the statistics, then two M x D x D products for ``U``; O(D^2) memory for ``m`` and O(D) for the factors.
+
+Use::
+
+    opt = RelativeAdam(flow, lr=1e-3)          # the model (any nn.Module holding RelativeLinear layers)
+    loss = training_loss(flow, x); loss.backward(); opt.step(); opt.zero_grad()
+
+The optimiser records, through forward hooks on the model's :class:`~relgrad.torch.RelativeLinear` layers,
+each training forward's ``Y`` and (through tensor hooks) its ``Delta`` and ``c`` in the backward; ``step``
+uses every forward whose backward ran since the last step (gradient accumulation adds them, as ``.grad``
+does) and forgets them.  It does not read ``weight.grad`` for those layers: the update comes from the
+recorded batch, so it is the same whichever rule the layer's ``.grad`` carries.  Other trainable parameters
+of the model (none in a DenseFlow) get an ordinary Adam step with the same ``lr``/``betas``/``eps``.
+
+Not supported yet (clear errors): several processes (DistributedDataParallel would synchronise ``.grad``
+but not the recorded batches), and bad-step skipping on the device other than through ``found_inf`` (the
+GradScaler protocol, which :func:`~relgrad.torch.fit` uses).
+
+Shapes:
+    per RelativeLinear layer: weight (D, D), bias (D,) or None; recorded Y and Delta (M, D), c (M,).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .nn import RelativeLinear
+
+__all__ = ["RelativeAdam", "RelativeSGD", "lie_gradient", "PRECONDITIONERS", "warmup_cosine_schedule",
+           "jax_adam_schedule"]
+
+#: ``precondition=`` choices: row/column-factored second moments, or none (relative SGD with momentum).
+PRECONDITIONERS = ("factored", "none")
+
+
+def lie_gradient(y: torch.Tensor, delta: torch.Tensor, csum: torch.Tensor, bias: bool) -> torch.Tensor:
+    """``Etil = Delta^T [Y | 1] + csum [I | 0]``: the gradient in the coordinates of ``Ahat <- (I + A) Ahat``.
+
+    (Without a bias the last column is dropped.)  ``-Etil Ahat`` is minus the relative gradient, so relative
+    SGD is ``Ahat <- (I - lr Etil) Ahat``.
+
+    Shapes:
+        y, delta: (M, D); csum: (); returns (D, D + 1) with a bias, else (D, D).
+    """
+    e = delta.T @ y
+    e.diagonal().add_(csum)
+    if bias:
+        e = torch.cat([e, delta.sum(dim=0, keepdim=True).T], dim=1)
+    return e
+
+
+class _Recorder:
+    """The batches of one layer between two steps: ``Y`` from its forward, ``Delta`` and ``c`` from its backward."""
+
+    def __init__(self, layer: RelativeLinear) -> None:
+        self.layer = layer
+        self.records: List[Dict[str, Optional[torch.Tensor]]] = []
+        self.handle = layer.register_forward_hook(self._forward)
+
+    def _forward(self, module: nn.Module, args: Tuple[Any, ...], output: Tuple[torch.Tensor, torch.Tensor]) -> None:
+        y, r = output
+        if not (module.training and torch.is_grad_enabled() and y.requires_grad and r.requires_grad):
+            return  # evaluation, or a forward no backward can reach: nothing to record
+        rec: Dict[str, Optional[torch.Tensor]] = {"y": y.detach(), "delta": None, "c": None}
+        self.records.append(rec)
+
+        def on_delta(g: torch.Tensor) -> None:
+            rec["delta"] = g.detach() if rec["delta"] is None else rec["delta"] + g.detach()
+
+        def on_c(g: torch.Tensor) -> None:
+            rec["c"] = g.detach() if rec["c"] is None else rec["c"] + g.detach()
+
+        y.register_hook(on_delta)
+        r.register_hook(on_c)
+
+    def take(self, dtype: torch.dtype) -> Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """(Y, Delta, csum) of every recorded forward whose backward ran (rows stacked), or None; then forget all."""
+        done = [r for r in self.records if r["delta"] is not None]
+        self.records = []
+        if not done:
+            return None
+        y = torch.cat([r["y"].reshape(-1, r["y"].shape[-1]).to(dtype) for r in done])
+        delta = torch.cat([r["delta"].reshape(-1, r["delta"].shape[-1]).to(dtype) for r in done])
+        csum = sum((r["c"].sum().to(dtype) if r["c"] is not None else torch.zeros((), dtype=dtype, device=y.device))
+                   for r in done)
+        return y, delta, csum
+
+
+class RelativeAdam(torch.optim.Optimizer):
+    """Adam with its second moments in the relative (Lie-algebra) coordinates, factored by rows and columns.
+
+    Args:
+        model: an ``nn.Module`` holding :class:`~relgrad.torch.RelativeLinear` layers (a DenseFlow, or any model);
+            not a DistributedDataParallel wrapper (not supported yet).
+        lr: step size in Lie-algebra units: an entry of the preconditioned step ``P`` is about 1, so
+            ``lr`` is the typical relative change per entry.
+        betas: (beta1, beta2): momentum of the update and decay of the factored second moments.
+        eps: added to the row and column second moments (keeps ``a``, ``c`` finite for a zero gradient).
+        precondition: ``"factored"`` (row/column second moments) or ``"none"`` (a = c = 1: relative SGD with
+            EMA momentum).
+        max_lie_norm: if set, the step of each layer is shortened so that ``||lr P||_F <= max_lie_norm``.
+
+    ``step()`` follows ``torch.optim``: per layer, ``m <- beta1 m + (1 - beta1) U`` and
+    ``[W | b] <- [W | b] - lr_eff m / (1 - beta1^t)``, with ``U = P Ahat`` as in the module docstring.
+    ``state_dict()``/``load_state_dict()`` round-trip the moments and step counts (``fit``'s checkpoints).
+    ``last_diagnostics`` holds, per layer, ``||P||_F``, the ratio ``||P - P^T||/||P + P^T||`` of its square
+    part (rotation vs stretch), and the step size applied.
+
+    Shapes:
+        per layer: weight (D, D), bias (D,); state ``exp_avg`` like each parameter, ``row_sq`` (D,), ``col_sq``
+        (D + 1,) (D without a bias) on the weight.
+    """
+
+    def __init__(self, model: nn.Module, lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-30, *, precondition: str = "factored", max_lie_norm: Optional[float] = None) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"{type(self).__name__} takes the model (an nn.Module holding RelativeLinear layers), "
+                            f"not {type(model).__name__}: it records each layer's batch through hooks")
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            raise NotImplementedError(
+                f"{type(self).__name__} does not synchronise its recorded batches between processes yet: under "
+                "DistributedDataParallel each process would step on its own share only (the processes would drift "
+                "apart). Train on one process, or use torch.optim.Adam/SGD on the relative gradient")
+        if not (lr > 0 and math.isfinite(lr)):
+            raise ValueError(f"lr must be a positive finite number, got {lr!r}")
+        b1, b2 = betas
+        if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
+            raise ValueError(f"betas must be in [0, 1), got {betas!r}")
+        if not eps > 0:
+            raise ValueError(f"eps must be positive, got {eps!r}")
+        if precondition not in PRECONDITIONERS:
+            raise ValueError(f"precondition must be one of {PRECONDITIONERS}, got {precondition!r}")
+        if max_lie_norm is not None and not max_lie_norm > 0:
+            raise ValueError(f"max_lie_norm must be positive or None, got {max_lie_norm!r}")
+        layers = [m for m in model.modules() if isinstance(m, RelativeLinear)]
+        if not layers:
+            raise ValueError(f"{type(model).__name__} holds no RelativeLinear layer: {type(self).__name__} has nothing "
+                             "to precondition; use torch.optim.Adam")
+        self._layers = [layer for layer in layers if layer.weight.requires_grad]
+        mine = {id(p) for layer in self._layers for p in (layer.weight, layer.bias) if p is not None}
+        groups = [{"params": [p for layer in self._layers for p in (layer.weight, layer.bias) if p is not None],
+                   "kind": "relative"}]
+        others = [p for p in model.parameters() if p.requires_grad and id(p) not in mine]
+        if others:
+            groups.append({"params": others, "kind": "ordinary"})
+        defaults = dict(lr=float(lr), betas=(float(b1), float(b2)), eps=float(eps), precondition=precondition,
+                        max_lie_norm=None if max_lie_norm is None else float(max_lie_norm))
+        super().__init__(groups, defaults)
+        self._recorders = [_Recorder(layer) for layer in self._layers]
+        self.last_diagnostics: List[Dict[str, float]] = []
+        # fit() passes a device-side "skip this step" flag through GradScaler's protocol (found_inf)
+        self._step_supports_amp_scaling = True
+
+    def __del__(self) -> None:  # the hooks must not outlive the optimiser
+        for rec in getattr(self, "_recorders", []):
+            rec.handle.remove()
+
+    @staticmethod
+    def _check_single_process() -> None:
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            raise NotImplementedError(
+                "RelativeAdam does not synchronise its recorded batches between processes yet: with several "
+                "processes each would step on its own share of the batch; train on one process, or use "
+                "torch.optim.Adam/SGD on the relative gradient")
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], torch.Tensor]] = None) -> Optional[torch.Tensor]:  # type: ignore[override]
+        """One update from the batches recorded since the last step (see the class docstring)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._check_single_process()
+        found_inf = getattr(self, "found_inf", None)
+        skip = None if found_inf is None else found_inf.reshape(()) > 0
+        self.last_diagnostics = []
+        for group in self.param_groups:
+            if group["kind"] == "relative":
+                for rec in self._recorders:
+                    self._relative_step(rec, group, skip)
+            else:
+                self._ordinary_step(group, skip)
+        return loss
+
+    # ------------------------------------------------------------------------------------------ helpers
+    @staticmethod
+    def _assign(target: torch.Tensor, new: torch.Tensor, skip: Optional[torch.Tensor]) -> None:
+        # a skipped step leaves parameters and state bit-identical, decided on the device (no host sync)
+        target.copy_(new if skip is None else torch.where(skip, target, new))
+
+    def _relative_step(self, rec: _Recorder, group: Dict[str, Any], skip: Optional[torch.Tensor]) -> None:
+        layer = rec.layer
+        w, b = layer.weight, layer.bias
+        batch = rec.take(w.dtype)
+        if batch is None:
+            if w.grad is not None:
+                raise RuntimeError(
+                    f"{type(self).__name__}: {layer.where} has a gradient but no recorded batch; its forward must "
+                    "run in training mode with grad enabled, through the module (layer(x), not its weight), "
+                    "after this optimiser was created")
+            return
+        y, delta, csum = batch
+        beta1, beta2 = group["betas"]
+        state = self.state[w]
+        if not state:
+            state["step"] = torch.zeros((), dtype=torch.float64, device=w.device)
+            state["exp_avg"] = torch.zeros_like(w)
+            if b is not None:
+                self.state[b]["exp_avg"] = torch.zeros_like(b)
+            if group["precondition"] == "factored":
+                state["row_sq"] = torch.zeros(w.shape[0], dtype=w.dtype, device=w.device)
+                state["col_sq"] = torch.zeros(w.shape[1] + (b is not None), dtype=w.dtype, device=w.device)
+        step = state["step"] + 1
+        e = lie_gradient(y, delta, csum, b is not None)                       # (D, D+1): M D (D+1)
+        if group["precondition"] == "factored":
+            sq = e.square()
+            row = beta2 * state["row_sq"] + (1 - beta2) * sq.sum(dim=1)
+            col = beta2 * state["col_sq"] + (1 - beta2) * sq.sum(dim=0)
+            corr = 1 - beta2 ** step
+            row_hat, col_hat = row / corr + group["eps"], col / corr + group["eps"]
+            # Adafactor: Vhat_ij = row_i col_j / sum(row), so 1/sqrt(Vhat_ij) = a_i c_j
+            a = row_hat.rsqrt()
+            c = col_hat.rsqrt() * row_hat.sum().sqrt()
+            self._assign(state["row_sq"], row, skip)
+            self._assign(state["col_sq"], col, skip)
+        else:
+            a = torch.ones(w.shape[0], dtype=w.dtype, device=w.device)
+            c = torch.ones(e.shape[1], dtype=w.dtype, device=w.device)
+        p_fro = torch.linalg.vector_norm(a[:, None] * e * c[None, :])        # ||P||_F, D (D+1)
+        lr = group["lr"]
+        lr_eff = torch.full((), lr, dtype=w.dtype, device=w.device)
+        if group["max_lie_norm"] is not None:
+            lr_eff = torch.minimum(lr_eff, group["max_lie_norm"] / p_fro.clamp_min(torch.finfo(w.dtype).tiny))
+        # U = P Ahat in rank-M form: diag(a) Delta^T ((Ytil diag c) Ahat) + csum diag(a c) [W | b]
+        d = w.shape[0]
+        yc = y * c[None, :d]
+        u_w = delta.T @ (yc @ w)                                              # two M x D x D products
+        u_w.mul_(a[:, None]).add_(w * (csum * a * c[:d])[:, None])
+        m_w = beta1 * state["exp_avg"] + (1 - beta1) * u_w
+        corr1 = 1 - beta1 ** step
+        self._assign(w, w - (lr_eff / corr1) * m_w, skip)
+        self._assign(state["exp_avg"], m_w, skip)
+        if b is not None:
+            ycb = yc @ b + c[d]                                               # (M,)
+            u_b = a * (delta.T @ ycb) + csum * a * c[:d] * b
+            bstate = self.state[b]
+            m_b = beta1 * bstate["exp_avg"] + (1 - beta1) * u_b
+            self._assign(b, b - (lr_eff / corr1) * m_b, skip)
+            self._assign(bstate["exp_avg"], m_b, skip)
+        self._assign(state["step"], step, skip)
+        self.last_diagnostics.append(self._diagnose(layer, a, e, c, p_fro, lr_eff))
+
+    @staticmethod
+    def _diagnose(layer: RelativeLinear, a: torch.Tensor, e: torch.Tensor, c: torch.Tensor, p_fro: torch.Tensor,
+                  lr_eff: torch.Tensor) -> Dict[str, Any]:
+        # device tensors (no host sync here); float() them when logging
+        d = e.shape[0]
+        sq = a[:, None] * e[:, :d] * c[None, :d]
+        skew = torch.linalg.vector_norm(sq - sq.T)
+        sym = torch.linalg.vector_norm(sq + sq.T)
+        return {"layer": layer.where, "lie_norm": p_fro, "skew_ratio": skew / sym.clamp_min(torch.finfo(sq.dtype).tiny),
+                "lr": lr_eff}
+
+    def _ordinary_step(self, group: Dict[str, Any], skip: Optional[torch.Tensor]) -> None:
+        """Plain Adam for parameters outside the RelativeLinear layers (e.g. a researcher's own modules)."""
+        beta1, beta2 = group["betas"]
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            st = self.state[p]
+            if not st:
+                st["step"] = torch.zeros((), dtype=torch.float64, device=p.device)
+                st["exp_avg"], st["exp_avg_sq"] = torch.zeros_like(p), torch.zeros_like(p)
+            step = st["step"] + 1
+            m = beta1 * st["exp_avg"] + (1 - beta1) * p.grad
+            v = beta2 * st["exp_avg_sq"] + (1 - beta2) * p.grad.square()
+            upd = (m / (1 - beta1 ** step)) / ((v / (1 - beta2 ** step)).sqrt() + 1e-8)
+            self._assign(p, p - group["lr"] * upd, skip)
+            self._assign(st["exp_avg"], m, skip)
+            self._assign(st["exp_avg_sq"], v, skip)
+            self._assign(st["step"], step, skip)
+
+
+class RelativeSGD(RelativeAdam):
+    """Relative SGD with EMA momentum and an optional Lie-norm trust region: :class:`RelativeAdam` with
+    ``precondition="none"``.
+
+    ``[W | b] <- [W | b] - lr m / (1 - beta^t)``, ``m <- beta m + (1 - beta) Etil Ahat`` (the relative
+    gradient, computed from the recorded batch).  With ``momentum=0`` and no trust region this is exactly
+    ``torch.optim.SGD`` on the relative gradient.
+
+    Shapes:
+        as :class:`RelativeAdam`.
+    """
+
+    def __init__(self, model: nn.Module, lr: float = 1e-2, momentum: float = 0.9, *,
+                 max_lie_norm: Optional[float] = None) -> None:
+        super().__init__(model, lr=lr, betas=(momentum, 0.0), precondition="none", max_lie_norm=max_lie_norm)
+
+
+# ============================================================================================ schedules
+def warmup_cosine_schedule(total_steps: int, *, warmup_steps: int = 0, final_factor: float = 1.0) -> Callable[[int], float]:
+    """``t -> factor`` for :func:`~relgrad.torch.fit`'s ``lr_schedule``: a linear warm-up over ``warmup_steps``
+    (factor ``(t + 1) / warmup_steps``, as Self Normalizing Flows' per-batch warm-up), then a cosine from 1 down to
+    ``final_factor`` at ``total_steps`` (``final_factor=1``: constant after the warm-up).
+
+    Shapes:
+        none (integers in, a float out).
+    """
+    if total_steps < 1 or warmup_steps < 0:
+        raise ValueError(f"need total_steps >= 1 and warmup_steps >= 0, got {total_steps}, {warmup_steps}")
+    if not 0.0 <= final_factor <= 1.0:
+        raise ValueError(f"final_factor must be in [0, 1], got {final_factor!r}")
+
+    def factor(t: int) -> float:
+        if t < warmup_steps:
+            return (t + 1) / warmup_steps
+        span = max(total_steps - warmup_steps, 1)
+        progress = min((t - warmup_steps) / span, 1.0)
+        return final_factor + (1.0 - final_factor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def jax_adam_schedule(steps_per_epoch: int, betas: Tuple[float, float] = (0.9, 0.999),
+                      first_epoch: int = 1) -> Callable[[int], float]:
+    """``t -> factor`` that makes ``torch.optim.Adam`` take the steps of the authors' JAX training loop.
+
+    Their ``experiments/train.py`` calls ``update(i, opt_state, batch)`` with ``i`` the *epoch* (from
+    ``first_epoch``), and ``jax.example_libraries.optimizers.adam`` bias-corrects with ``1 - b**(i + 1)``.
+    Torch corrects with the true step count ``t + 1``; the ratio of the two step sizes,
+
+        [sqrt(1 - b2^(i+1)) / (1 - b1^(i+1))] / [sqrt(1 - b2^(t+1)) / (1 - b1^(t+1))],   i = first_epoch + t // steps_per_epoch,
+
+    is this factor (exact up to where ``eps`` enters, 1e-8 against sqrt(v) ~ |gradient|).
+
+    Shapes:
+        none (integers in, a float out).
+    """
+    b1, b2 = betas
+    if steps_per_epoch < 1:
+        raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
+
+    def correction(k: int) -> float:
+        return math.sqrt(1.0 - b2 ** k) / (1.0 - b1 ** k)
+
+    def factor(t: int) -> float:
+        epoch = first_epoch + t // steps_per_epoch
+        return correction(epoch + 1) / correction(t + 1)
+
+    return factor
