@@ -158,3 +158,23 @@ def test_same_argument_names_for_the_same_things() -> None:
     with pytest.raises(TypeError, match="not both"):
         rt.DenseFlow(3, rng=1, generator=1)
     np.testing.assert_allclose(nm.log_prob(xs_n[0]), nm.log_likelihood(xs_n[0]))
+
+
+@pytest.mark.parametrize("max_lie_norm", [None, 0.05])
+def test_relative_adam_twins_follow_the_same_trajectory(max_lie_norm) -> None:
+    from relgrad.numpy.optim import RelativeAdam as NumpyRelativeAdam
+    from relgrad.torch.optim import RelativeAdam as TorchRelativeAdam
+
+    tm, npm = twins(5, 2, seed=3)
+    x = data(240, 5, seed=4) * 2 + 1
+    n_opt = NumpyRelativeAdam(npm, lr=3e-2, betas=(0.8, 0.95), max_lie_norm=max_lie_norm)
+    t_opt = TorchRelativeAdam(tm, lr=3e-2, betas=(0.8, 0.95), max_lie_norm=max_lie_norm)
+    for t in range(12):
+        xb = x[20 * t: 20 * t + 20]
+        n_opt.step(xb)
+        t_opt.zero_grad()
+        rt.training_loss(tm, torch.as_tensor(xb)).backward()
+        t_opt.step()
+    for wn, wt in zip(npm.weights + npm.biases, list(tm.weights) + list(tm.biases)):
+        np.testing.assert_allclose(wn, wt.detach().numpy(), rtol=1e-10, atol=1e-12)
+    assert not np.allclose(npm.weights[0], twins(5, 2, seed=3)[1].weights[0])  # it moved
