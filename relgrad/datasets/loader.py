@@ -91,7 +91,7 @@ def load_dataset(
       paper, train = the first ``N_train`` training images, val = the last ``N_val``, test = the first
       ``N_test`` test images (default 50000/10000/10000); 256 levels.
     * ``"mnist-14"``/``"fashion-mnist-14"``: the same images and split, downsampled to 14 x 14 by 2 x 2 area
-      sums (:func:`block_sums`; D = 196, 1021 levels).
+      sums (``block_sums``; D = 196, 1021 levels).
 
     ``space`` (images only): ``"logit"`` (default, what the flow models; ``lam`` as in
     :func:`~relgrad.datasets.logit_transform`), ``"unit"`` (dequantised, in ``[0, 1)``) or ``"pixels"`` (dequantised, in

@@ -652,10 +652,10 @@ def fit(
     * ``evaluate_initial``: evaluate the untrained model as epoch 0 (training epochs are then 1..epochs).
     * ``on_epoch_end(record, history)``: called after each evaluated epoch (an :class:`~relgrad.training.EpochRecord`).
     * ``optimizer``: a function ``params -> torch.optim.Optimizer`` (default: :func:`~relgrad.torch.make_adam` with ``lr``);
-      for :class:`~relgrad.torch.optim.RelativeAdam`, which takes the model: ``lambda params: RelativeAdam(flow, lr)``.
+      for ``relgrad.torch.optim.RelativeAdam``, which takes the model: ``lambda params: RelativeAdam(flow, lr)``.
     * ``lr_schedule``: ``t -> factor``; before step ``t`` (0-based over the whole run, resumed runs included)
       every parameter group's learning rate is its initial one times ``factor`` (warm-up, cosine decay, the
-      JAX Adam step count of :func:`relgrad.torch.optim.jax_adam_schedule`).
+      JAX Adam step count of ``relgrad.torch.optim.jax_adam_schedule``).
     * ``progress``: True/False shows/hides the epoch bar, None honours ``TQDM_DISABLE``; ``batch_progress``
       the same for a bar per epoch over its minibatches (default off); ``log_every > 0`` prints a line every
       that many epochs.  Epochs are numbered from 0.
