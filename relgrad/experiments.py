@@ -354,8 +354,8 @@ class _Diagnostics:
         twin.train()
         opt = self.factory(list(twin.parameters()), twin)
         self.made.pop()  # the probe's optimiser is not the run's
-        if self.made:
-            opt.load_state_dict(self.made[-1].state_dict())
+        if self.made:  # a deep copy: load_state_dict keeps the given tensors, and the probe's step writes into them
+            opt.load_state_dict(copy.deepcopy(self.made[-1].state_dict()))
         before = [p.detach().clone() for p in twin.parameters()]
         opt.zero_grad(set_to_none=True)
         training_loss(twin, self.batch, self.args.method).backward()

@@ -250,3 +250,16 @@ def test_relative_adam_with_diagnostics_resumes_as_if_uninterrupted(tmp_path, mo
     assert straight["hyperparameters"]["optimizer"].startswith("RelativeAdam")
     h = experiments.read_history(out)
     assert h["cos_descent"].shape == (4,)
+
+
+def test_diagnostics_do_not_change_the_run(tmp_path, monkeypatch):
+    """The probe step works on copies: a run with --diagnostics has the history of the same run without."""
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    common = ["--dataset", "digits", "--train-size", "200", "--val-size", "100", "--test-size", "100",
+              "--quiet", "--device", "cpu", "--threads", "1", "--batch-size", "20", "--lr", "1e-3", "--epochs", "3"]
+    for opt in ("adam", "relative-adam"):
+        plain = experiments.main([*common, "--optimizer", opt, "--out", str(tmp_path / f"{opt}_plain.csv")])
+        probed = experiments.main([*common, "--optimizer", opt, "--diagnostics", "--out", str(tmp_path / f"{opt}_d.csv")])
+        a, b = _rows(tmp_path / f"{opt}_plain.csv"), _rows(tmp_path / f"{opt}_d.csv")
+        assert [{k: r[k] for k in a[0]} for r in b] == a, opt
+        assert plain["test"] == probed["test"], opt

@@ -296,3 +296,20 @@ def test_jax_adam_schedule_reproduces_the_epoch_step_count() -> None:
         (0.5 * ((p - torch.as_tensor(target)) ** 2).sum()).backward()
         opt.step()
     np.testing.assert_allclose(p.detach().numpy(), x, rtol=1e-6, atol=1e-6)
+
+
+def test_zero_grad_forgets_recorded_batches_and_grad_scaler_is_refused() -> None:
+    x = data(64, D)
+    a, b = random_flow(D, 2), random_flow(D, 2)
+    oa, ob = RelativeAdam(a, lr=1e-2), RelativeAdam(b, lr=1e-2)
+    rt.training_loss(a, x[32:]).backward()   # a backward that zero_grad discards
+    oa.zero_grad()
+    for model, opt in ((a, oa), (b, ob)):
+        rt.training_loss(model, x[:32]).backward()
+        opt.step()
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
+    rt.training_loss(a, x[:32]).backward()
+    oa.grad_scale = torch.ones(())
+    with pytest.raises(NotImplementedError, match="GradScaler"):
+        oa.step()

@@ -20,8 +20,9 @@ factored by rows (D) and columns (D+1), ``1/sqrt(Vhat_ij) = a_i c_j``; the preco
 (``diag(a) Delta^T ((Ytil diag c) Ahat) + csum diag(a c) [W | b]``): two M x D x D products, never a
 D x D x D product, an inverse or a solve.  Momentum is kept in parameter coordinates (``m`` is then the same
 linear image of the Lie-algebra momentum at the current W, up to the change of W over its horizon).  An
-optional trust region ``max_lie_norm`` caps ``||lr P||_F`` (a bound on the spectral norm, so ``I - lr P``
-stays invertible when it is below 1).  ``precondition="none"`` keeps ``a = c = 1``: relative SGD with (EMA)
+optional trust region ``max_lie_norm`` caps ``||lr P||_F`` of the *current* update (a bound on its spectral
+norm); the applied step is the bias-corrected momentum of such updates, so it is not capped itself (an
+average of past, differently scaled steps can exceed the cap).  ``precondition="none"`` keeps ``a = c = 1``: relative SGD with (EMA)
 momentum and the same trust region, exported as :class:`RelativeSGD`.
 
 Cost per layer and step, on top of the layer's own backward: ``Etil`` explicitly (M D (D+1) multiply-adds)
@@ -37,7 +38,7 @@ each training forward's ``Y`` and (through tensor hooks) its ``Delta`` and ``c``
 uses every forward whose backward ran since the last step (gradient accumulation adds them, as ``.grad``
 does) and forgets them.  It does not read ``weight.grad`` for those layers: the update comes from the
 recorded batch, so it is the same whichever rule the layer's ``.grad`` carries.  Other trainable parameters
-of the model (none in a DenseFlow) get an ordinary Adam step with the same ``lr``/``betas``/``eps``.
+of the model (none in a DenseFlow) get an ordinary Adam step with the same ``lr`` and ``betas`` (eps 1e-8).
 
 Not supported yet (clear errors): several processes (DistributedDataParallel would synchronise ``.grad``
 but not the recorded batches), and bad-step skipping on the device other than through ``found_inf`` (the
@@ -130,7 +131,8 @@ class RelativeAdam(torch.optim.Optimizer):
         eps: added to the row and column second moments (keeps ``a``, ``c`` finite for a zero gradient).
         precondition: ``"factored"`` (row/column second moments) or ``"none"`` (a = c = 1: relative SGD with
             EMA momentum).
-        max_lie_norm: if set, the step of each layer is shortened so that ``||lr P||_F <= max_lie_norm``.
+        max_lie_norm: if set, the current update of each layer is shortened so that ``||lr P||_F <= max_lie_norm``
+            (the momentum step applied is not capped itself).
 
     ``step()`` follows ``torch.optim``: per layer, ``m <- beta1 m + (1 - beta1) U`` and
     ``[W | b] <- [W | b] - lr_eff m / (1 - beta1^t)``, with ``U = P Ahat`` as in the module docstring.
@@ -187,6 +189,12 @@ class RelativeAdam(torch.optim.Optimizer):
         for rec in getattr(self, "_recorders", []):
             rec.handle.remove()
 
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """``torch.optim.Optimizer.zero_grad``, and forget the batches recorded since the last step (as ``.grad``)."""
+        super().zero_grad(set_to_none=set_to_none)
+        for rec in getattr(self, "_recorders", []):
+            rec.records = []
+
     @staticmethod
     def _check_single_process() -> None:
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
@@ -203,6 +211,10 @@ class RelativeAdam(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._check_single_process()
+        if getattr(self, "grad_scale", None) is not None:
+            raise NotImplementedError(
+                f"{type(self).__name__} does not unscale its recorded batches: use it without torch.amp.GradScaler "
+                "(bf16 autocast needs no scaler)")
         found_inf = getattr(self, "found_inf", None)
         skip = None if found_inf is None else found_inf.reshape(()) > 0
         self.last_diagnostics = []
