@@ -41,6 +41,19 @@ def _cell(dataset: str, method: str, optimizer: str, lr: float, seed: int, epoch
     return {"name": name, "args": args}
 
 
+def _comparison(dataset: str, lr: float, trust_lr: float, epochs: int, seeds: tuple) -> List[Dict[str, object]]:
+    """Per seed: autodiff + Adam, relative + Adam and relative + RelativeAdam at ``lr``; RelativeAdam and
+    RelativeSGD at ``trust_lr`` with the trust region ``--max-lie-norm 0.1``."""
+    trust = ["--max-lie-norm", "0.1"]
+    return [c for s in seeds for c in (
+        _cell(dataset, "autodiff", "adam", lr, s, epochs),
+        _cell(dataset, "relative", "adam", lr, s, epochs),
+        _cell(dataset, "relative", "relative-adam", lr, s, epochs),
+        _cell(dataset, "relative", "relative-adam", trust_lr, s, epochs, extra=trust, tag="t0.1"),
+        _cell(dataset, "relative", "relative-sgd", trust_lr, s, epochs, extra=trust, tag="t0.1"),
+    )]
+
+
 def grids() -> Dict[str, List[Dict[str, object]]]:
     g: Dict[str, List[Dict[str, object]]] = {}
     seeds = (0, 1, 2)
@@ -54,22 +67,9 @@ def grids() -> Dict[str, List[Dict[str, object]]]:
         for lr in lrs
     ]
     # digits, second round: larger steps, with the Lie-norm trust region for the relative-* optimisers
-    trust = ["--max-lie-norm", "0.1"]
-    g["digits2"] = [c for s in seeds for c in (
-        _cell("digits", "autodiff", "adam", 3e-3, s, 300),
-        _cell("digits", "relative", "adam", 3e-3, s, 300),
-        _cell("digits", "relative", "relative-adam", 3e-3, s, 300),
-        _cell("digits", "relative", "relative-adam", 1e-2, s, 300, extra=trust, tag="t0.1"),
-        _cell("digits", "relative", "relative-sgd", 1e-2, s, 300, extra=trust, tag="t0.1"),
-    )]
+    g["digits2"] = _comparison("digits", 3e-3, 1e-2, 300, seeds)
     # Fashion-MNIST at 14 x 14 (D = 196): 500 steps per epoch, 40 epochs
-    g["fm14"] = [c for s in seeds for c in (
-        _cell("fashion-mnist-14", "autodiff", "adam", 1e-3, s, 40),
-        _cell("fashion-mnist-14", "relative", "adam", 1e-3, s, 40),
-        _cell("fashion-mnist-14", "relative", "relative-adam", 1e-3, s, 40),
-        _cell("fashion-mnist-14", "relative", "relative-adam", 3e-3, s, 40, extra=trust, tag="t0.1"),
-        _cell("fashion-mnist-14", "relative", "relative-sgd", 3e-3, s, 40, extra=trust, tag="t0.1"),
-    )]
+    g["fm14"] = _comparison("fashion-mnist-14", 1e-3, 3e-3, 40, seeds)
     return g
 
 
