@@ -137,8 +137,8 @@ class RelativeAdam(torch.optim.Optimizer):
     ``step()`` follows ``torch.optim``: per layer, ``m <- beta1 m + (1 - beta1) U`` and
     ``[W | b] <- [W | b] - lr_eff m / (1 - beta1^t)``, with ``U = P Ahat`` as in the module docstring.
     ``state_dict()``/``load_state_dict()`` round-trip the moments and step counts (``fit``'s checkpoints).
-    ``last_diagnostics`` holds, per layer, ``||P||_F``, the ratio ``||P - P^T||/||P + P^T||`` of its square
-    part (rotation vs stretch), and the step size applied.
+    ``last_diagnostics`` holds, per layer, ``||P||_F`` (when ``max_lie_norm`` is set, else None) and the step
+    size applied (device tensors: no host synchronisation per step).
 
     Shapes:
         per layer: weight (D, D), bias (D,); state ``exp_avg`` like each parameter, ``row_sq`` (D,), ``col_sq``
@@ -217,6 +217,14 @@ class RelativeAdam(torch.optim.Optimizer):
                 "(bf16 autocast needs no scaler)")
         found_inf = getattr(self, "found_inf", None)
         skip = None if found_inf is None else found_inf.reshape(()) > 0
+        if skip is not None and skip.device.type == "cpu":
+            # on the CPU reading the flag costs nothing: a skipped step then touches nothing, and a taken one
+            # runs in place (on an accelerator the flag stays there and torch.where keeps the state instead)
+            if bool(skip):
+                for rec in self._recorders:
+                    rec.records = []
+                return loss
+            skip = None
         self.last_diagnostics = []
         for group in self.param_groups:
             if group["kind"] == "relative":
@@ -255,11 +263,20 @@ class RelativeAdam(torch.optim.Optimizer):
                 state["row_sq"] = torch.zeros(w.shape[0], dtype=w.dtype, device=w.device)
                 state["col_sq"] = torch.zeros(w.shape[1] + (b is not None), dtype=w.dtype, device=w.device)
         step = state["step"] + 1
-        e = lie_gradient(y, delta, csum, b is not None)                       # (D, D+1): M D (D+1)
+        d = w.shape[0]
+        # Etil = [E_w | e_b] (lie_gradient), kept as its two blocks: no (D, D+1) concatenation
+        e_w = delta.T @ y                                                     # M D^2
+        e_w.diagonal().add_(csum)
+        e_b = delta.sum(dim=0) if b is not None else None
+        sq_w = None
         if group["precondition"] == "factored":
-            sq = e.square()
-            row = beta2 * state["row_sq"] + (1 - beta2) * sq.sum(dim=1)
-            col = beta2 * state["col_sq"] + (1 - beta2) * sq.sum(dim=0)
+            sq_w = e_w.square()
+            row_new, col_new = sq_w.sum(dim=1), sq_w.sum(dim=0)
+            if e_b is not None:
+                row_new = row_new + e_b.square()
+                col_new = torch.cat([col_new, e_b.square().sum().reshape(1)])
+            row = beta2 * state["row_sq"] + (1 - beta2) * row_new
+            col = beta2 * state["col_sq"] + (1 - beta2) * col_new
             corr = 1 - beta2 ** step
             row_hat, col_hat = row / corr + group["eps"], col / corr + group["eps"]
             # Adafactor: Vhat_ij = row_i col_j / sum(row), so 1/sqrt(Vhat_ij) = a_i c_j
@@ -268,42 +285,45 @@ class RelativeAdam(torch.optim.Optimizer):
             self._assign(state["row_sq"], row, skip)
             self._assign(state["col_sq"], col, skip)
         else:
-            a = torch.ones(w.shape[0], dtype=w.dtype, device=w.device)
-            c = torch.ones(e.shape[1], dtype=w.dtype, device=w.device)
-        p_fro = torch.linalg.vector_norm(a[:, None] * e * c[None, :])        # ||P||_F, D (D+1)
-        lr = group["lr"]
-        lr_eff = torch.full((), lr, dtype=w.dtype, device=w.device)
+            a = torch.ones(d, dtype=w.dtype, device=w.device)
+            c = torch.ones(d + (b is not None), dtype=w.dtype, device=w.device)
+        lr_eff = torch.full((), group["lr"], dtype=w.dtype, device=w.device)
+        p_fro = None
         if group["max_lie_norm"] is not None:
+            # ||P||_F^2 = sum_ij a_i^2 Etil_ij^2 c_j^2: one pass over Etil^2 (a matrix-vector product)
+            sq_w = e_w.square() if sq_w is None else sq_w
+            p_sq = a.square() @ (sq_w @ c[:d].square())
+            if e_b is not None:
+                p_sq = p_sq + (a.square() * e_b.square()).sum() * c[d].square()
+            p_fro = p_sq.sqrt()
             lr_eff = torch.minimum(lr_eff, group["max_lie_norm"] / p_fro.clamp_min(torch.finfo(w.dtype).tiny))
         # U = P Ahat in rank-M form: diag(a) Delta^T ((Ytil diag c) Ahat) + csum diag(a c) [W | b]
-        d = w.shape[0]
         yc = y * c[None, :d]
         u_w = delta.T @ (yc @ w)                                              # two M x D x D products
-        u_w.mul_(a[:, None]).add_(w * (csum * a * c[:d])[:, None])
-        m_w = beta1 * state["exp_avg"] + (1 - beta1) * u_w
+        u_w.mul_(a[:, None]).addcmul_(w, (csum * a * c[:d])[:, None])
         corr1 = 1 - beta1 ** step
-        self._assign(w, w - (lr_eff / corr1) * m_w, skip)
-        self._assign(state["exp_avg"], m_w, skip)
+        scale = (lr_eff / corr1).to(w.dtype)
+        m_w = state["exp_avg"]
+        if skip is None:  # in place: the D x D buffers are each read and written once
+            m_w.lerp_(u_w, 1 - beta1)
+            w.addcmul_(m_w, scale, value=-1)
+        else:
+            m_new = torch.lerp(m_w, u_w, 1 - beta1)
+            self._assign(w, w - scale * m_new, skip)
+            self._assign(m_w, m_new, skip)
         if b is not None:
             ycb = yc @ b + c[d]                                               # (M,)
             u_b = a * (delta.T @ ycb) + csum * a * c[:d] * b
-            bstate = self.state[b]
-            m_b = beta1 * bstate["exp_avg"] + (1 - beta1) * u_b
-            self._assign(b, b - (lr_eff / corr1) * m_b, skip)
-            self._assign(bstate["exp_avg"], m_b, skip)
+            m_b = self.state[b]["exp_avg"]
+            if skip is None:
+                m_b.lerp_(u_b, 1 - beta1)
+                b.addcmul_(m_b, scale, value=-1)
+            else:
+                m_new = torch.lerp(m_b, u_b, 1 - beta1)
+                self._assign(b, b - scale * m_new, skip)
+                self._assign(m_b, m_new, skip)
         self._assign(state["step"], step, skip)
-        self.last_diagnostics.append(self._diagnose(layer, a, e, c, p_fro, lr_eff))
-
-    @staticmethod
-    def _diagnose(layer: RelativeLinear, a: torch.Tensor, e: torch.Tensor, c: torch.Tensor, p_fro: torch.Tensor,
-                  lr_eff: torch.Tensor) -> Dict[str, Any]:
-        # device tensors (no host sync here); float() them when logging
-        d = e.shape[0]
-        sq = a[:, None] * e[:, :d] * c[None, :d]
-        skew = torch.linalg.vector_norm(sq - sq.T)
-        sym = torch.linalg.vector_norm(sq + sq.T)
-        return {"layer": layer.where, "lie_norm": p_fro, "skew_ratio": skew / sym.clamp_min(torch.finfo(sq.dtype).tiny),
-                "lr": lr_eff}
+        self.last_diagnostics.append({"layer": layer.where, "lie_norm": p_fro, "lr": lr_eff})
 
     def _ordinary_step(self, group: Dict[str, Any], skip: Optional[torch.Tensor]) -> None:
         """Plain Adam for parameters outside the RelativeLinear layers (e.g. a researcher's own modules)."""
