@@ -46,7 +46,7 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -62,6 +62,29 @@ HISTORY_FIELDS = (
 OPTIMIZERS = ("adam", "relative-adam", "relative-sgd")
 #: Extra CSV columns of ``--diagnostics``, per layer k (1-based): bias norm, condition number, the probe step's
 #: rotation ratio; and the probe step's cosine with minus the exact gradient, all layers together.
+#: --preprocess choices: affine maps of the logit-space data, fitted on the training split
+PREPROCESSING = ("none", "centre", "scale", "standardise", "whiten")
+
+
+def _preprocess(split: "datasets.Split", kind: str) -> Tuple["datasets.Split", Any]:
+    """``split`` mapped by the ``kind`` of PREPROCESSING (not "none"), and the fitted map (``inverse``,
+    ``log_abs_det``).  centre / scale are the two halves of standardise: the Standardizer with unit std or
+    zero mean."""
+    from . import datasets
+
+    if kind == "whiten":
+        return datasets.whiten(split)
+    fitted = datasets.Standardizer.fit(split.train)
+    if kind == "centre":
+        fitted = datasets.Standardizer(mean=fitted.mean, std=np.ones_like(fitted.std))
+    elif kind == "scale":
+        fitted = datasets.Standardizer(mean=np.zeros_like(fitted.mean), std=fitted.std)
+    elif kind != "standardise":
+        raise ValueError(f"preprocess must be one of {PREPROCESSING}, got {kind!r}")
+    parts = (fitted.transform(part) for part in (split.train, split.val, split.test))
+    return datasets.Split(*parts, info=dict(split.info, preprocess=kind)), fitted
+
+
 DIAGNOSTIC_FIELDS = ("bias_norm", "cond", "skew_ratio")
 #: Split sizes of ``--quick`` (train, val, test).
 QUICK_SIZES = (200, 100, 100)
@@ -124,7 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--whiten", action="store_true",
                    help="whiten the logit-space data (mean and covariance of the training split) before the flow; "
                         "reported likelihoods are mapped back to the images' logit space exactly (the whitening's "
-                        "log-determinant is added)")
+                        "log-determinant is added); the same as --preprocess whiten")
+    d.add_argument("--preprocess", default="none", choices=list(PREPROCESSING),
+                   help="an affine map of the logit-space data fitted on the training split, for the ablations of "
+                        "the relative-gradient gap: centre (subtract the mean), scale (divide each column by its "
+                        "standard deviation, no centring), standardise (both), whiten (mean and covariance); "
+                        "likelihoods are reported in the images' logit space (its log-determinant is added)")
     m = p.add_argument_group("model and training")
     m.add_argument("--layers", type=int, default=2, help="number of dense layers L (default 2)")
     m.add_argument("--alpha", type=float, default=0.01,
@@ -439,8 +467,9 @@ def run(args: argparse.Namespace, *, command: str = "") -> Dict[str, Any]:
     # Constant shifting logit-space nats to pixel-space nats on the validation set (Jacobian - D log K).
     val_shift = float(np.mean(datasets.logit_log_jacobian(split.val, lam))) - dim * math.log(levels)
     logit_test, whitener = split.test, None  # the image Jacobians are those of the logit-space data
-    if args.whiten:
-        split, whitener = datasets.whiten(split)
+    preprocess = "whiten" if args.whiten else args.preprocess
+    if preprocess != "none":
+        split, whitener = _preprocess(split, preprocess)
     # log p of the logit-space images = log p of what the flow sees + this constant (0 without whitening)
     flow_to_logit = 0.0 if whitener is None else whitener.log_abs_det
     x_train, x_val, x_test = (torch.as_tensor(a, dtype=dtype, device=device) for a in split)
@@ -541,7 +570,7 @@ def run(args: argparse.Namespace, *, command: str = "") -> Dict[str, Any]:
             "momentum": args.momentum, "beta2": args.beta2, "max_lie_norm": args.max_lie_norm,
             "diagnostics": bool(args.diagnostics), "alpha": args.alpha, "lam": lam,
             "epochs": epochs, "patience": patience, "max_minutes": args.max_minutes, "seed": args.seed,
-            "dtype": args.dtype, "quick": bool(args.quick), "whiten": bool(args.whiten),
+            "dtype": args.dtype, "quick": bool(args.quick), "whiten": preprocess == "whiten", "preprocess": preprocess,
         },
         "processes": world,
         "distributed_backend": backend,
