@@ -165,6 +165,36 @@ def test_step_cost_is_rank_m_and_runs_no_cubic_op() -> None:
     print(f"RelativeAdam.step: {flops} GEMM flops = {flops / expected:.3f} x 6 L M D^2")
     assert flops == expected
     assert not {op for op in rec.ops if FORBIDDEN.search(op)}, rec.ops
+    # plain relative SGD (no statistics, no trust region) does not form Etil: U's two products only
+    sgd = RelativeSGD(model, lr=1e-3)
+    sgd.zero_grad()
+    rt.training_loss(model, x).backward()
+    counter = FlopCounterMode(display=False)
+    with counter:
+        sgd.step()
+    assert counter.get_total_flops() == layers * 4 * m * dim ** 2
+
+
+def test_a_frozen_bias_stays_put_and_a_refused_step_changes_nothing() -> None:
+    model = random_flow(D, 2)
+    x = data(4 * M, D)
+    first = [m for m in model.modules() if isinstance(m, rt.RelativeLinear)][0]
+    first.bias.requires_grad_(False)
+    b0, w0 = first.bias.detach().clone(), first.weight.detach().clone()
+    opt = RelativeAdam(model, lr=1e-2)
+    _train(model, opt, x, 3)
+    assert torch.equal(first.bias.detach(), b0) and not torch.equal(first.weight.detach(), w0)
+    # the second layer gets a gradient by hand (no recorded batch): step() refuses before touching any layer
+    last = [m for m in model.modules() if isinstance(m, rt.RelativeLinear)][-1]
+    opt.zero_grad()
+    rt.training_loss(model, _stream(x, 5)).backward()
+    for rec in opt._recorders:
+        if rec.layer is last:
+            rec.records = []
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match="no recorded batch"):
+        opt.step()
+    assert all(torch.equal(p.detach(), q) for p, q in zip(model.parameters(), before))
 
 
 def test_found_inf_skips_the_step_bit_identically() -> None:

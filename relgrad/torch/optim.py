@@ -25,8 +25,10 @@ norm); the applied step is the bias-corrected momentum of such updates, so it is
 average of past, differently scaled steps can exceed the cap).  ``precondition="none"`` keeps ``a = c = 1``: relative SGD with (EMA)
 momentum and the same trust region, exported as :class:`RelativeSGD`.
 
-Cost per layer and step, on top of the layer's own backward: ``Etil`` explicitly (M D (D+1) multiply-adds)
-for the statistics, then two M x D x D products for ``U``; O(D^2) memory for ``m`` and O(D) for the factors.
+Cost per layer and step, on top of the layer's own backward: two M x D x D products for ``U``, and ``Etil``
+explicitly (M D (D+1) multiply-adds) when its statistics are used (the factored moments or the trust region;
+plain :class:`RelativeSGD` skips it); O(D^2) memory for ``m`` and O(D) for the factors.  A frozen bias
+(``requires_grad=False``) stays put and its weight takes its block of ``U``.
 
 Use::
 
@@ -225,6 +227,13 @@ class RelativeAdam(torch.optim.Optimizer):
                     rec.records = []
                 return loss
             skip = None
+        for rec in self._recorders:  # before any layer steps: an error must not leave a half-applied step
+            layer = rec.layer
+            if layer.weight.grad is not None and not any(r["delta"] is not None for r in rec.records):
+                raise RuntimeError(
+                    f"{type(self).__name__}: {layer.where} has a gradient but no recorded batch; its forward must "
+                    "run in training mode with grad enabled, through the module (layer(x), not its weight), "
+                    "after this optimiser was created")
         self.last_diagnostics = []
         for group in self.param_groups:
             if group["kind"] == "relative":
@@ -244,12 +253,7 @@ class RelativeAdam(torch.optim.Optimizer):
         layer = rec.layer
         w, b = layer.weight, layer.bias
         batch = rec.take(w.dtype)
-        if batch is None:
-            if w.grad is not None:
-                raise RuntimeError(
-                    f"{type(self).__name__}: {layer.where} has a gradient but no recorded batch; its forward must "
-                    "run in training mode with grad enabled, through the module (layer(x), not its weight), "
-                    "after this optimiser was created")
+        if batch is None:  # (a layer with a gradient and no batch was refused in step())
             return
         y, delta, csum = batch
         beta1, beta2 = group["betas"]
@@ -257,17 +261,22 @@ class RelativeAdam(torch.optim.Optimizer):
         if not state:
             state["step"] = torch.zeros((), dtype=torch.float64, device=w.device)
             state["exp_avg"] = torch.zeros_like(w)
-            if b is not None:
+            if b is not None and b.requires_grad:
                 self.state[b]["exp_avg"] = torch.zeros_like(b)
             if group["precondition"] == "factored":
                 state["row_sq"] = torch.zeros(w.shape[0], dtype=w.dtype, device=w.device)
                 state["col_sq"] = torch.zeros(w.shape[1] + (b is not None), dtype=w.dtype, device=w.device)
+        if state["step"].device != w.device:  # loaded from a checkpoint of another device
+            state["step"] = state["step"].to(w.device)
         step = state["step"] + 1
         d = w.shape[0]
-        # Etil = [E_w | e_b] (lie_gradient), kept as its two blocks: no (D, D+1) concatenation
-        e_w = delta.T @ y                                                     # M D^2
-        e_w.diagonal().add_(csum)
-        e_b = delta.sum(dim=0) if b is not None else None
+        # Etil = [E_w | e_b] (lie_gradient), kept as its two blocks (no (D, D+1) concatenation), and formed only
+        # for the statistics that need it: the factored second moments and the trust region's ||P||_F
+        need_e = group["precondition"] == "factored" or group["max_lie_norm"] is not None
+        if need_e:
+            e_w = delta.T @ y                                                 # M D^2
+            e_w.diagonal().add_(csum)
+            e_b = delta.sum(dim=0) if b is not None else None
         sq_w = None
         if group["precondition"] == "factored":
             sq_w = e_w.square()
@@ -311,7 +320,7 @@ class RelativeAdam(torch.optim.Optimizer):
             m_new = torch.lerp(m_w, u_w, 1 - beta1)
             self._assign(w, w - scale * m_new, skip)
             self._assign(m_w, m_new, skip)
-        if b is not None:
+        if b is not None and b.requires_grad:  # (a frozen bias stays put; W takes its block of P Ahat)
             ycb = yc @ b + c[d]                                               # (M,)
             u_b = a * (delta.T @ ycb) + csum * a * c[:d] * b
             m_b = self.state[b]["exp_avg"]
