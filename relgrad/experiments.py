@@ -206,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "else start it there; same settings (--epochs, --patience, --max-minutes may change)")
     r.add_argument("--quick", action="store_true",
                    help=f"smoke test: sizes {QUICK_SIZES}, 1 epoch, a few seconds (overrides sizes and epochs)")
-    r.add_argument("--quiet", action="store_true", help="no per-epoch lines")
+    r.add_argument("--quiet", action="store_true", help="no per-epoch lines and no progress bars")
     r.add_argument("--distributed", action="store_true",
                    help="run as one process of `torchrun --nproc_per_node N -m relgrad.experiments --distributed ...`: "
                         "DistributedDataParallel over gloo (CPU) or nccl (CUDA, one GPU per process); --batch-size "
@@ -519,7 +519,7 @@ def run(args: argparse.Namespace, *, command: str = "") -> Dict[str, Any]:
         say(f"resuming from {ckpt}")
     hist = fit(trained, x_train, x_val, method=args.method, epochs=epochs, batch_size=args.batch_size // world,
                lr=args.lr, optimizer=make_optimizer, lr_schedule=lr_schedule,
-               patience=patience, generator=shuffle_seed, progress=False, batch_progress=None,
+               patience=patience, generator=shuffle_seed, progress=False, batch_progress=False if args.quiet else None,
                checkpoint_path=ckpt, resume=bool(args.resume), max_seconds=cap, evaluate_initial=True,
                on_epoch_end=on_epoch_end, on_divergence="stop")
     if hist.stopped_by == "diverged":
