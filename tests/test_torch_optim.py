@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -197,7 +198,10 @@ def test_a_frozen_bias_stays_put_and_a_refused_step_changes_nothing() -> None:
     assert all(torch.equal(p.detach(), q) for p, q in zip(model.parameters(), before))
 
 
-def test_found_inf_skips_the_step_bit_identically() -> None:
+@pytest.mark.parametrize("host_skip", [True, False], ids=["host-read", "device-where"])
+def test_found_inf_skips_the_step_bit_identically(host_skip: bool, monkeypatch) -> None:
+    # host-read: the CPU path (the flag read on the host); device-where: the path an accelerator takes
+    monkeypatch.setattr(RelativeAdam, "_host_skip", host_skip)
     model = random_flow(D, 2)
     x = data(64, D)
     opt = RelativeAdam(model, lr=1e-2)
@@ -213,6 +217,34 @@ def test_found_inf_skips_the_step_bit_identically() -> None:
     for k, s in opt.state.items():
         for n, v in s.items():
             assert torch.equal(v, state[k][n]), n
+    assert all(not rec.records for rec in opt._recorders)
+    # a taken step with found_inf = 0 is the ordinary step (in place, or through torch.where)
+    ref = random_flow(D, 2)
+    ref.load_state_dict(model.state_dict())
+    ref_opt = RelativeAdam(ref, lr=1e-2)
+    ref_opt.load_state_dict(copy.deepcopy(opt.state_dict()))  # (a state_dict holds the live tensors)
+    for m, o in ((model, opt), (ref, ref_opt)):
+        o.zero_grad()
+        rt.training_loss(m, x[:M]).backward()
+    opt.found_inf = torch.zeros(())
+    opt.step()
+    del opt.found_inf
+    ref_opt.step()
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-14)
+
+
+def test_a_bias_frozen_then_unfrozen_trains() -> None:
+    model = random_flow(D, 2)
+    x = data(4 * M, D)
+    first = [m for m in model.modules() if isinstance(m, rt.RelativeLinear)][0]
+    first.bias.requires_grad_(False)
+    opt = RelativeAdam(model, lr=1e-2)
+    _train(model, opt, x, 2)
+    first.bias.requires_grad_(True)
+    b0 = first.bias.detach().clone()
+    _train(model, opt, x, 2)
+    assert not torch.equal(first.bias.detach(), b0)
 
 
 def test_state_round_trips_through_a_resumed_fit(tmp_path) -> None:

@@ -28,7 +28,8 @@ momentum and the same trust region, exported as :class:`RelativeSGD`.
 Cost per layer and step, on top of the layer's own backward: two M x D x D products for ``U``, and ``Etil``
 explicitly (M D (D+1) multiply-adds) when its statistics are used (the factored moments or the trust region;
 plain :class:`RelativeSGD` skips it); O(D^2) memory for ``m`` and O(D) for the factors.  A frozen bias
-(``requires_grad=False``) stays put and its weight takes its block of ``U``.
+(``requires_grad=False``) stays put and its weight takes its block of ``U`` (the bias column still enters the
+statistics and ``||P||_F``, as for a trained bias).
 
 Use::
 
@@ -143,9 +144,12 @@ class RelativeAdam(torch.optim.Optimizer):
     size applied (device tensors: no host synchronisation per step).
 
     Shapes:
-        per layer: weight (D, D), bias (D,); state ``exp_avg`` like each parameter, ``row_sq`` (D,), ``col_sq``
+        per layer: weight (D, D), bias (D,); state ``exp_avg`` like each trained parameter, ``row_sq`` (D,), ``col_sq``
         (D + 1,) (D without a bias) on the weight.
     """
+
+    #: read a CPU ``found_inf`` on the host (free there); False forces the device path (torch.where), for tests
+    _host_skip = True
 
     def __init__(self, model: nn.Module, lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-30, *, precondition: str = "factored", max_lie_norm: Optional[float] = None) -> None:
@@ -183,7 +187,7 @@ class RelativeAdam(torch.optim.Optimizer):
                         max_lie_norm=None if max_lie_norm is None else float(max_lie_norm))
         super().__init__(groups, defaults)
         self._recorders = [_Recorder(layer) for layer in self._layers]
-        self.last_diagnostics: List[Dict[str, float]] = []
+        self.last_diagnostics: List[Dict[str, Any]] = []
         # fit() passes a device-side "skip this step" flag through GradScaler's protocol (found_inf)
         self._step_supports_amp_scaling = True
 
@@ -217,9 +221,17 @@ class RelativeAdam(torch.optim.Optimizer):
             raise NotImplementedError(
                 f"{type(self).__name__} does not unscale its recorded batches: use it without torch.amp.GradScaler "
                 "(bf16 autocast needs no scaler)")
+        for rec in self._recorders:  # checked before any layer steps, so that this error leaves nothing half-applied
+            layer = rec.layer
+            if layer.weight.grad is not None and not any(r["delta"] is not None for r in rec.records):
+                raise RuntimeError(
+                    f"{type(self).__name__}: {layer.where} has a gradient but no recorded batch; its forward must "
+                    "run in training mode with grad enabled, through the module (layer(x), not its weight), "
+                    "after this optimiser was created")
         found_inf = getattr(self, "found_inf", None)
         skip = None if found_inf is None else found_inf.reshape(()) > 0
-        if skip is not None and skip.device.type == "cpu":
+        self.last_diagnostics = []
+        if skip is not None and skip.device.type == "cpu" and self._host_skip:
             # on the CPU reading the flag costs nothing: a skipped step then touches nothing, and a taken one
             # runs in place (on an accelerator the flag stays there and torch.where keeps the state instead)
             if bool(skip):
@@ -227,14 +239,6 @@ class RelativeAdam(torch.optim.Optimizer):
                     rec.records = []
                 return loss
             skip = None
-        for rec in self._recorders:  # before any layer steps: an error must not leave a half-applied step
-            layer = rec.layer
-            if layer.weight.grad is not None and not any(r["delta"] is not None for r in rec.records):
-                raise RuntimeError(
-                    f"{type(self).__name__}: {layer.where} has a gradient but no recorded batch; its forward must "
-                    "run in training mode with grad enabled, through the module (layer(x), not its weight), "
-                    "after this optimiser was created")
-        self.last_diagnostics = []
         for group in self.param_groups:
             if group["kind"] == "relative":
                 for rec in self._recorders:
@@ -323,7 +327,8 @@ class RelativeAdam(torch.optim.Optimizer):
         if b is not None and b.requires_grad:  # (a frozen bias stays put; W takes its block of P Ahat)
             ycb = yc @ b + c[d]                                               # (M,)
             u_b = a * (delta.T @ ycb) + csum * a * c[:d] * b
-            m_b = self.state[b]["exp_avg"]
+            # (setdefault: a bias frozen at the first step and trained later starts its momentum at zero)
+            m_b = self.state[b].setdefault("exp_avg", torch.zeros_like(b))
             if skip is None:
                 m_b.lerp_(u_b, 1 - beta1)
                 b.addcmul_(m_b, scale, value=-1)
@@ -344,6 +349,8 @@ class RelativeAdam(torch.optim.Optimizer):
             if not st:
                 st["step"] = torch.zeros((), dtype=torch.float64, device=p.device)
                 st["exp_avg"], st["exp_avg_sq"] = torch.zeros_like(p), torch.zeros_like(p)
+            if st["step"].device != p.device:  # loaded from a checkpoint of another device
+                st["step"] = st["step"].to(p.device)
             step = st["step"] + 1
             m = beta1 * st["exp_avg"] + (1 - beta1) * p.grad
             v = beta2 * st["exp_avg_sq"] + (1 - beta2) * p.grad.square()
