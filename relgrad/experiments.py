@@ -467,6 +467,8 @@ def run(args: argparse.Namespace, *, command: str = "") -> Dict[str, Any]:
     # Constant shifting logit-space nats to pixel-space nats on the validation set (Jacobian - D log K).
     val_shift = float(np.mean(datasets.logit_log_jacobian(split.val, lam))) - dim * math.log(levels)
     logit_test, whitener = split.test, None  # the image Jacobians are those of the logit-space data
+    if args.whiten and args.preprocess not in ("none", "whiten"):
+        raise SystemExit(f"--whiten and --preprocess {args.preprocess} ask for two different maps: give one of them")
     preprocess = "whiten" if args.whiten else args.preprocess
     if preprocess != "none":
         split, whitener = _preprocess(split, preprocess)

@@ -145,6 +145,12 @@ def test_preprocess_halves_report_likelihoods_of_the_original_logit_space_data(t
     assert s["test"]["logit_nats"] == pytest.approx(expected["logit_nats"], rel=1e-10)
 
 
+def test_whiten_and_another_preprocess_are_refused(tmp_path):
+    with pytest.raises(SystemExit, match="two different maps"):
+        experiments.main(["--quick", "--dataset", "digits", "--out", str(tmp_path / "x.csv"), "--quiet",
+                          "--whiten", "--preprocess", "centre"])
+
+
 def test_quick_idx_folder(tmp_path, monkeypatch):
     """The IDX path, offline: a tiny Fashion-MNIST-like folder of random 28 x 28 images."""
     monkeypatch.setenv("TQDM_DISABLE", "1")

@@ -17,7 +17,6 @@ import argparse
 import csv
 import json
 import math
-import os
 import sys
 from pathlib import Path
 from typing import Dict, List
@@ -90,7 +89,6 @@ def grids() -> Dict[str, List[Dict[str, object]]]:
 
 def run_grid(name: str, only: str, threads: int) -> None:
     sys.path.insert(0, str(ROOT))
-    os.environ.setdefault("TQDM_DISABLE", "1")  # (--quiet drops the epoch lines, not tqdm's bars)
     from relgrad import experiments
 
     OUT.mkdir(parents=True, exist_ok=True)

@@ -253,6 +253,18 @@ class RelativeAdam(torch.optim.Optimizer):
         # a skipped step leaves parameters and state bit-identical, decided on the device (no host sync)
         target.copy_(new if skip is None else torch.where(skip, target, new))
 
+    @classmethod
+    def _momentum_step(cls, param: torch.Tensor, m: torch.Tensor, u: torch.Tensor, beta1: float,
+                       scale: torch.Tensor, skip: Optional[torch.Tensor]) -> None:
+        """``m <- beta1 m + (1 - beta1) u``; ``param <- param - scale m`` (both kept when ``skip`` is true)."""
+        if skip is None:  # in place: each buffer is read and written once
+            m.lerp_(u, 1 - beta1)
+            param.addcmul_(m, scale, value=-1)
+        else:
+            m_new = torch.lerp(m, u, 1 - beta1)
+            cls._assign(param, param - scale * m_new, skip)
+            cls._assign(m, m_new, skip)
+
     def _relative_step(self, rec: _Recorder, group: Dict[str, Any], skip: Optional[torch.Tensor]) -> None:
         layer = rec.layer
         w, b = layer.weight, layer.bias
@@ -316,26 +328,13 @@ class RelativeAdam(torch.optim.Optimizer):
         u_w.mul_(a[:, None]).addcmul_(w, (csum * a * c[:d])[:, None])
         corr1 = 1 - beta1 ** step
         scale = (lr_eff / corr1).to(w.dtype)
-        m_w = state["exp_avg"]
-        if skip is None:  # in place: the D x D buffers are each read and written once
-            m_w.lerp_(u_w, 1 - beta1)
-            w.addcmul_(m_w, scale, value=-1)
-        else:
-            m_new = torch.lerp(m_w, u_w, 1 - beta1)
-            self._assign(w, w - scale * m_new, skip)
-            self._assign(m_w, m_new, skip)
+        self._momentum_step(w, state["exp_avg"], u_w, beta1, scale, skip)
         if b is not None and b.requires_grad:  # (a frozen bias stays put; W takes its block of P Ahat)
             ycb = yc @ b + c[d]                                               # (M,)
             u_b = a * (delta.T @ ycb) + csum * a * c[:d] * b
             # (setdefault: a bias frozen at the first step and trained later starts its momentum at zero)
             m_b = self.state[b].setdefault("exp_avg", torch.zeros_like(b))
-            if skip is None:
-                m_b.lerp_(u_b, 1 - beta1)
-                b.addcmul_(m_b, scale, value=-1)
-            else:
-                m_new = torch.lerp(m_b, u_b, 1 - beta1)
-                self._assign(b, b - scale * m_new, skip)
-                self._assign(m_b, m_new, skip)
+            self._momentum_step(b, m_b, u_b, beta1, scale, skip)
         self._assign(state["step"], step, skip)
         self.last_diagnostics.append({"layer": layer.where, "lie_norm": p_fro, "lr": lr_eff})
 
