@@ -84,6 +84,10 @@ def grids() -> Dict[str, List[Dict[str, object]]]:
     ]
     # Fashion-MNIST at 14 x 14 (D = 196): 500 steps per epoch, 40 epochs
     g["fm14"] = _comparison("fashion-mnist-14", 1e-3, 3e-3, 40, seeds)
+    # Fashion-MNIST at full size (D = 784): 2 seeds x the three settings that matter at D = 196, 30 epochs
+    g["fm"] = [_cell("fashion-mnist", m, o, 1e-3, s, 30)
+               for s in (0, 1)
+               for (m, o) in (("autodiff", "adam"), ("relative", "adam"), ("relative", "relative-adam"))]
     return g
 
 
