@@ -115,6 +115,18 @@ def test_split_indices_bad_sizes(sizes, message):
         ds.mnist_5k_split_indices(np.repeat(np.arange(10), 30), sizes)
 
 
+def test_split_indices_empty_labels_and_the_documented_validation_overlap():
+    with pytest.raises(ValueError, match="labels is empty"):
+        ds.mnist_5k_split_indices(np.array([], dtype=int))
+    labels = np.repeat(np.arange(10), 500)
+    tr, va, te = ds.mnist_5k_split_indices(labels)
+    tr_s, va_s, te_s = ds.mnist_5k_split_indices(labels, (200, 100, 100))
+    # training and test parts of smaller sizes are subsets of the default ones ...
+    assert set(tr_s) <= set(tr) and set(te_s) <= set(te)
+    # ... a validation part of another size is not (the docstring warns): it sits before its own test part
+    assert not set(va_s) <= set(va) and set(va_s) & set(te)
+
+
 def test_load_dataset_from_a_small_file(tmp_path):
     write_csv(tmp_path, 12)
     split = ds.load_dataset("mnist-5k", rng=3, sizes=(80, 20, 20), directory=tmp_path, space="pixels")

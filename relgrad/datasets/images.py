@@ -330,8 +330,11 @@ def mnist_5k_split_indices(
     each part: the default ``(4000, 500, 500)`` is 400 / 50 / 50 per digit.  The images of each digit are put
     in a random order by ``numpy.random.default_rng(seed)`` (the digits in turn, 0 to 9); training takes the
     first of them, test the last, validation those just before the test ones.  So the split is fixed by
-    ``seed`` alone, the three parts are disjoint, and smaller sizes give subsets of the default parts (e.g.
-    ``(200, 100, 100)`` trains on 20 of each digit's 400 training images).  Each part is in file order.
+    ``seed`` alone and the three parts are disjoint.  Smaller training and test sizes give subsets of the
+    default training and test parts (e.g. ``(200, 100, 100)`` trains on 20 of each digit's 400 training
+    images), but a validation part of another size does not: it is taken just before *its* test part, so
+    it can overlap the default test part; do not tune on it and report on the default test part.  Each part
+    is in file order.
 
     Shapes:
         ``labels`` ``(N,)`` integers; returns three int64 index arrays of lengths ``sizes``.
@@ -339,6 +342,8 @@ def mnist_5k_split_indices(
     labels = np.asarray(labels)
     if labels.ndim != 1:
         raise ShapeError(f"labels must be 1-D (N,), got shape {labels.shape}")
+    if labels.size == 0:
+        raise ValueError("labels is empty: mnist-5k needs the labels of its images to split them by digit")
     classes, counts = np.unique(labels, return_counts=True)
     if len(sizes) != 3:
         raise ValueError(f"sizes must be (N_train, N_val, N_test), got {sizes!r}")
