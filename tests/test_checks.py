@@ -26,8 +26,8 @@ def _grad(f, W):
     return w.grad.numpy()
 
 
-def update_ref(Delta, Z, W):
-    return Delta.T @ ((Z @ W.T) @ W)
+def left_ref(Delta, Z, W):
+    return ((Delta @ W) @ W.T).T @ Z - W
 
 
 def layer_ref(W, b, Y, Delta):
@@ -113,6 +113,149 @@ def _jac_mean(y, lam):
     return np.mean(logit_log_jacobian(y, lam))
 
 
+def conv_ref(x, W):
+    Y = (x @ W.T).reshape(-1, W.shape[0])               # rows y_np^T
+    return Y.T @ (Y @ W) / x.shape[0] - x.shape[1] * W
+
+
+def _conv_sum(x, W):
+    return np.einsum("npi,npj->ij", x @ W.T, x @ W.T)
+
+
+def _conv_loop(x, W):
+    """Per-pixel loop: accepted (values and cost are fine)."""
+    N, P, C = x.shape
+    S = np.zeros((C, C))
+    for n in range(N):
+        for q in range(P):
+            y = W @ x[n, q]
+            S += np.outer(y, y)
+    return S @ W / N - P * W
+
+
+def _laplace(model, x, start="sign", direct=1.0, scale=None, reverse=False):
+    """Laplace deltas; the flags reproduce typical mistakes."""
+    from relgrad.numpy import dlog_sigma_prime, sigma_prime
+    tr = model.trace(x)
+    M = x.shape[0] if scale is None else scale
+    delta = {"sign": np.sign(tr.s), "minus": -np.sign(tr.s), "gauss": tr.s}[start] / M
+    out = [delta]
+    for k in range(model.n_layers - 2, -1, -1):
+        y = tr.ys[k]
+        delta = (delta @ model.weights[k + 1]) * sigma_prime(y, model.alpha)
+        delta = delta - direct * dlog_sigma_prime(y, model.alpha) / M
+        out.append(delta)
+    return out if reverse else out[::-1]
+
+
+def laplace_ref(model, x):
+    return _laplace(model, x)
+
+
+def _accumulate(tmodel, x, mean=True, sign=1.0, after=False, activation_term=True, reverse=False):
+    """Deltas from zero accumulators; the flags reproduce typical mistakes."""
+    from relgrad import torch as rt
+    L = tmodel.n_layers
+    accs = [torch.zeros_like(x, requires_grad=True) for _ in range(L)]
+    z, act = x, torch.zeros(x.shape[0], dtype=x.dtype)
+    for k, (w, b) in enumerate(zip(tmodel.weights, tmodel.biases)):
+        y = z @ w.T + b
+        if not after:
+            y = y + accs[k]
+        if k < L - 1:
+            act = act + rt.log_sigma_prime(y, tmodel.alpha).sum(dim=1)
+            z = rt.sigma(y, tmodel.alpha)
+            if after:
+                z = z + accs[k]
+        elif after:
+            y = y + accs[k]
+    log_ps = -0.5 * (y ** 2).sum(dim=1) - 0.5 * x.shape[1] * np.log(2 * np.pi)
+    ll = log_ps + (act if activation_term else 0.0)
+    loss = -sign * (ll.mean() if mean else ll.sum())
+    grads = list(torch.autograd.grad(loss, accs))
+    return grads[::-1] if reverse else grads
+
+
+def accumulator_ref(tmodel, x):
+    return _accumulate(tmodel, x)
+
+
+def whiten_ref(X):
+    Xc = X - X.mean(axis=0)
+    evals, evecs = np.linalg.eigh(Xc.T @ Xc / len(Xc))
+    V = evecs @ np.diag(evals ** -0.5) @ evecs.T
+    return Xc @ V.T, V
+
+
+def _whiten_with(X, V_of, centre_z=True):
+    Xc = X - X.mean(axis=0)
+    V = V_of(Xc)
+    return (Xc if centre_z else X) @ V.T, V
+
+
+def _sym_power(S, p):
+    evals, evecs = np.linalg.eigh(S)
+    return evecs @ np.diag(evals ** p) @ evecs.T
+
+
+def _whiten_in_place(X):
+    X -= X.mean(axis=0)   # changes the caller's array
+    return whiten_ref(X)
+
+
+def _bisect(v, alpha, tol=1e-14, invert=False, no_alpha=False, fixed=None, ignore_tol=False, absolute=False):
+    """sigma^{-1} by bisection, returning (u, iterations); the flags reproduce typical mistakes."""
+    from relgrad.numpy import sigma
+    c = np.log(2.0)
+    lo = v - c if no_alpha else np.minimum(v - c, (v - c) / alpha)
+    hi = v if no_alpha else np.minimum(v, v / alpha)
+    tol = 1e-15 if ignore_tol else tol
+    steps = 0
+    while True:
+        if fixed is not None and steps == fixed:
+            break
+        width = hi - lo
+        if fixed is None and not np.any(width > (tol if absolute else tol * np.maximum(1.0, np.abs(hi)))):
+            break
+        mid = 0.5 * (lo + hi)
+        below = sigma(mid, alpha) < v
+        if invert:
+            below = ~below
+        lo, hi = np.where(below, mid, lo), np.where(below, hi, mid)
+        steps += 1
+        if steps > 2000:
+            break
+    return 0.5 * (lo + hi), steps
+
+
+def bisect_ref(v, alpha, tol):
+    return _bisect(v, alpha, tol)
+
+
+def _sampler(model, transpose=True, bias=True, activation="inverse", order="backward", noise="rows",
+             cache=True):
+    """make_sampler with flags that reproduce typical mistakes."""
+    from relgrad.numpy import sigma, sigma_inverse
+    inv_t = [np.linalg.inv(w).T if transpose else np.linalg.inv(w) for w in model.weights] if cache else None
+
+    def sample(n, rng):
+        gen = np.random.default_rng(rng)
+        s = gen.standard_normal((n, model.dim)) if noise == "rows" else gen.standard_normal((model.dim, n)).T
+        mats = inv_t if cache else [np.linalg.inv(w).T for w in model.weights]
+        layers = range(model.n_layers - 1, -1, -1) if order == "backward" else range(model.n_layers)
+        z = s
+        for k in layers:
+            if k != model.n_layers - 1 or activation == "everywhere":
+                z = sigma(z, model.alpha) if activation == "forward" else sigma_inverse(z, model.alpha)
+            z = (z - model.biases[k] if bias else z) @ mats[k]
+        return z
+    return sample
+
+
+def sampler_ref(model):
+    return _sampler(model)
+
+
 def stub(*args):
     raise NotImplementedError("Exercise: your code here")
 
@@ -130,13 +273,16 @@ CASES = {
         (lambda f, W: W.T @ _grad(f, W), "wrong side"),
         (lambda f, W: _grad(f, W) @ W.T @ W, "update direction"),
     ]),
-    "check_relative_weight_update": (update_ref, [
-        (lambda D, Z, W: D.T @ Z, "you returned Delta^T Z"),
-        (lambda D, Z, W: D.T @ (Z @ W.T), "stopped at the relative gradient"),
-        (lambda D, Z, W: D.T @ ((Z @ W) @ W.T), "wrong transpose"),
-        (lambda D, Z, W: (D.T @ Z) @ (W.T @ W), "wrong cost"),
-        (lambda D, Z, W: ((D.T @ Z) @ W.T) @ W, "wrong cost"),
-        (lambda D, Z, W: np.dot(D.T, Z).dot(W.T.dot(W)), "wrong cost"),
+    "check_left_relative_weight_update": (left_ref, [
+        (lambda D, Z, W: D.T @ ((Z @ W.T) @ W) - W, "that is the right relative update"),
+        (lambda D, Z, W: ((D @ W) @ W.T).T @ Z, "log-determinant term is missing"),
+        (lambda D, Z, W: ((D @ W) @ W.T).T @ Z + W, "wrong sign"),
+        (lambda D, Z, W: ((D @ W.T) @ W).T @ Z - W, "not W^T W"),
+        (lambda D, Z, W: ((D @ W) @ W.T).T @ Z - W.T, "wrong value: expected W W^T"),  # no specific hint
+        (lambda D, Z, W: D.T @ Z, "ordinary data gradient"),
+        (lambda D, Z, W: (W @ W.T) @ (D.T @ Z) - W, "wrong cost"),
+        (lambda D, Z, W: W @ (W.T @ (D.T @ Z)) - W, "wrong cost"),
+        (lambda D, Z, W: np.dot(W, W.T).dot(D.T.dot(Z)) - W, "wrong cost"),
     ]),
     "check_strict_layer_update": (layer_ref, [
         (lambda W, b, Y, D: (D.T @ (Y @ W) - W, D.T @ (Y @ b) + D.sum(axis=0)), "authors' bias rule"),
@@ -207,6 +353,81 @@ CASES = {
         (lambda n, y, lam, k: -(n - _jac_mean(y, lam) - y.shape[1] * np.log(k)) / (y.shape[1] * np.log(2)),
          "plus sign"),
     ]),
+    "check_conv1x1_relative_gradient": (conv_ref, [
+        (lambda x, W: _conv_sum(x, W) @ W / x.shape[0] - W, "subtract P W, not W"),
+        (lambda x, W: _conv_sum(x, W) @ W / x.shape[0], "log-determinant term is missing"),
+        (lambda x, W: _conv_sum(x, W) @ W / x.shape[0] + x.shape[1] * W, "wrong sign"),
+        (lambda x, W: np.einsum("npi,npj->ij", x @ W.T, x) / x.shape[0] - x.shape[1] * np.linalg.inv(W).T,
+         "that is the ordinary gradient"),
+        (lambda x, W: _conv_sum(x, W) / x.shape[0] - x.shape[1] * np.eye(len(W)), "you stopped at grad W^T"),
+        (lambda x, W: W @ _conv_sum(x, W) / x.shape[0] - x.shape[1] * W, "belongs on the right"),
+        (lambda x, W: _conv_sum(x, W) @ W - x.shape[1] * W, "divide the data term by N"),
+        (lambda x, W: conv_ref(x, W) / x.shape[1], "averaged over the pixels too"),
+        (lambda x, W: (x @ W).reshape(-1, len(W)).T @ ((x @ W).reshape(-1, len(W)) @ W) / x.shape[0]
+         - x.shape[1] * W, "Y = x @ W.T, not x @ W"),
+        (lambda x, W: (np.einsum("npi,npj->ij", x @ W.T, x) / x.shape[0] - x.shape[1] * np.linalg.inv(W).T)
+         @ W.T @ W, "you called np.linalg.inv"),
+        (lambda x, W: (np.einsum("npi,npj->ij", x @ W.T, x) / x.shape[0]
+                       - x.shape[1] * np.linalg.solve(W, np.eye(len(W))).T) @ W.T @ W, "np.linalg.solve"),
+    ]),
+    "check_laplace_deltas": (laplace_ref, [
+        (lambda m, x: _laplace(m, x, start="gauss"), "the Gaussian start"),
+        (lambda m, x: _laplace(m, x, start="minus"), "sign of Delta_L is flipped"),
+        (lambda m, x: [-len(x) * d for d in laplace_ref(m, x)], "maximisation convention"),
+        (lambda m, x: _laplace(m, x, scale=1.0), "the 1/M of the mean"),
+        (lambda m, x: _laplace(m, x, direct=0.0), "direct term is missing"),
+        (lambda m, x: _laplace(m, x, direct=-1.0), "direct term has the wrong sign"),
+        (lambda m, x: _laplace(m, x, reverse=True), "wrong order"),
+        (lambda m, x: laplace_ref(m, x)[1:], "one Delta_k per layer"),
+        (lambda m, x: np.stack(laplace_ref(m, x)), "should return a list"),
+    ]),
+    "check_accumulator_deltas": (accumulator_ref, [
+        (lambda t, x: _accumulate(t, x, mean=False), "the 1/M is missing"),
+        (lambda t, x: _accumulate(t, x, mean=False, sign=-1.0), "maximisation convention"),
+        (lambda t, x: _accumulate(t, x, sign=-1.0), "the sign is flipped"),
+        (lambda t, x: _accumulate(t, x, after=True), "after the activations"),
+        (lambda t, x: _accumulate(t, x, activation_term=False), "activations' term is missing"),
+        (lambda t, x: _accumulate(t, x, reverse=True), "wrong order"),
+        (lambda t, x: [d[:, :-1] for d in accumulator_ref(t, x)], "one row per sample"),
+    ]),
+    "check_whiten": (whiten_ref, [
+        (lambda X: whiten_ref(X)[::-1], "the pair is swapped"),
+        (lambda X: whiten_ref(X)[0], "should return a pair"),
+        (lambda X: _whiten_with(X, lambda Xc: _sym_power(np.cov(Xc.T), -0.5)), "np.cov's default"),
+        (lambda X: _whiten_with(X, lambda Xc: np.power(Xc.T @ Xc / len(Xc), -0.5, where=Xc.T @ Xc > 0,
+                                                      out=np.full((Xc.shape[1],) * 2, np.nan))), "matrix function"),
+        (lambda X: _whiten_with(X, lambda Xc: _sym_power(Xc.T @ Xc / len(Xc), -1.0)), "that is Sigma^{-1}"),
+        (lambda X: _whiten_with(X, lambda Xc: _sym_power(Xc.T @ Xc / len(Xc), 0.5)), "that is Sigma^{1/2}"),
+        (lambda X: (X @ _sym_power(X.T @ X / len(X), -0.5), _sym_power(X.T @ X / len(X), -0.5)),
+         "subtract the mean before forming"),
+        (lambda X: _whiten_with(X, lambda Xc: np.diag(1 / Xc.std(axis=0))), "removes the scales"),
+        (lambda X: _whiten_with(X, lambda Xc: np.linalg.inv(np.linalg.cholesky(Xc.T @ Xc / len(Xc)))),
+         "it is not symmetric"),
+        (lambda X: _whiten_with(X, lambda Xc: _sym_power(Xc.T @ Xc / len(Xc), -0.5), centre_z=False),
+         "Z is not centred"),
+        (_whiten_in_place, "changed X in place"),
+    ]),
+    "check_sigma_inverse_bisect": (bisect_ref, [
+        (lambda v, a, tol: _bisect(v, a, tol)[0], "should return a pair"),
+        (lambda v, a, tol: _bisect(v, a, tol, invert=True), "sits at an end of the bracket"),
+        (lambda v, a, tol: _bisect(v, a, tol, no_alpha=True), "misses the root"),
+        (lambda v, a, tol: _bisect(v, a, tol, fixed=30), "close but not to tol"),
+        (lambda v, a, tol: _bisect(v, a, tol, ignore_tol=True), "grows by"),
+        (lambda v, a, tol: (_bisect(v, a, tol)[0], np.full(v.shape, 40)), "one whole number"),
+        (lambda v, a, tol: (_bisect(v, a, tol)[0], 0), "grows by"),
+        (lambda v, a, tol: (_bisect(v, a, tol)[0][:-1], _bisect(v, a, tol)[1]), "keep the shape"),
+    ]),
+    "check_make_sampler": (sampler_ref, [
+        (lambda m: _sampler(m, noise="columns"), "draw the noise as DenseFlow.sample does"),
+        (lambda m: _sampler(m, transpose=False), "multiply by inv(W).T, not inv(W)"),
+        (lambda m: _sampler(m, bias=False), "subtract the bias"),
+        (lambda m: _sampler(m, activation="forward"), "you applied sigma"),
+        (lambda m: _sampler(m, activation="everywhere"), "do not apply it to s"),
+        (lambda m: _sampler(m, order="forward"), "from the last to the first"),
+        (lambda m: _sampler(m, cache=False), "called np.linalg.inv"),
+        (lambda m: (lambda n, rng: m.sample(n, rng=rng)), "factorisation call"),
+        (lambda m: m.sample(3, rng=0), "should return a function"),
+    ]),
     "check_sigma_inverse": (newton_ref, [
         (lambda v, a: a * v + (1 - a) * _softplus(v), "you applied sigma"),
         (lambda v, a: np.array(v, copy=True), "returned v unchanged"),
@@ -256,9 +477,31 @@ def test_crashing_function_is_reported(capsys):
 
 
 def test_torch_and_einsum_answers_are_accepted(capsys):
-    assert checks.check_relative_weight_update(lambda D, Z, W: np.einsum("mi,mj->ij", D, np.einsum("mk,kj->mj", Z @ W.T, W)))
-    assert "could not be observed" not in capsys.readouterr().out  # Z @ W.T was seen
+    left = lambda D, Z, W: np.einsum("mi,mj->ij", np.einsum("mk,jk->mj", D @ W, W), Z) - W  # noqa: E731
+    assert checks.check_left_relative_weight_update(left)
+    assert "could not be observed" not in capsys.readouterr().out  # D @ W was seen
+    assert checks.check_left_relative_weight_update(
+        lambda D, Z, W: (torch.from_numpy(W) @ (torch.from_numpy(W).T @ (torch.from_numpy(D).T @ torch.from_numpy(Z)))
+                         - torch.from_numpy(W)).numpy())
+    assert "could not be observed" in capsys.readouterr().out  # torch: values only, and the check says so
     assert checks.check_logdet_grad_2x2(lambda W: torch.linalg.inv(torch.from_numpy(W)).T)
+
+
+def test_accepted_variants_of_the_new_checks(capsys):
+    """Answers that are right in another form pass: loops, einsum, a C^3 product (with a note), tensors."""
+    assert checks.check_conv1x1_relative_gradient(_conv_loop)
+    assert "forms a C x C matrix first" in capsys.readouterr().out  # S @ W: the cheaper order for N P > C
+    assert checks.check_conv1x1_relative_gradient(lambda x, W: (np.einsum("npi,npj->ij", x @ W.T, x) / x.shape[0])
+                                                  @ (W.T @ W) - x.shape[1] * W)  # W^T W first: same order of cost
+    capsys.readouterr()
+    assert checks.check_conv1x1_relative_gradient(conv_ref)
+    assert "forms a C x C matrix first" not in capsys.readouterr().out  # Y^T (Y W): the thin order
+    assert checks.check_conv1x1_relative_gradient(lambda x, W: np.einsum("npi,npj,jk->ik", x @ W.T, x @ W.T, W)
+                                                  / len(x) - x.shape[1] * W)
+    assert checks.check_accumulator_deltas(lambda t, x: [d.numpy() for d in accumulator_ref(t, x)])
+    assert checks.check_whiten(lambda X: (whiten_ref(X)[0], torch.from_numpy(whiten_ref(X)[1])))
+    assert checks.check_sigma_inverse_bisect(lambda v, a, tol: _bisect(v, a, tol, absolute=True))
+    assert checks.check_make_sampler(lambda m: (lambda sample: (lambda n, rng: sample(n, rng)))(_sampler(m)))
 
 
 def test_every_check_has_its_exercise_and_self_check_cell():

@@ -14,29 +14,37 @@ Two modes:
 
 Checks and the exercise each belongs to (see ``EXERCISE_CHECKS``):
 
-========================================  ===========================  ============================
-check                                     exercise label               function checked
-========================================  ===========================  ============================
-:func:`check_logdet_grad_2x2`             ``ex-logdet-two``            ``logdet_grad_2x2(W)``
-:func:`check_relative_gradient`           ``ex-rel-examples``          ``relative_gradient(f, W)``
-:func:`check_relative_weight_update`      ``ex-backprop-two-forms``    ``relative_weight_update(Delta, Z, W)``
-:func:`check_strict_layer_update`         ``ex-biases-centred``        ``strict_layer_update(W, b, Y, Delta)``
-:func:`check_bpd_from_unit_nats`          ``ex-cov-bpd``               ``bpd_from_unit_nats(nats, dim, levels)``
-:func:`check_layer_jacobian`              ``ex-jacobian-layer``        ``layer_jacobian(W, b, z, phi_prime)``
-:func:`check_ica_step`                    ``ex-rel-ica-adam``          ``ica_step(W, X, mu)``
-:func:`check_activity_relative_gradient`  ``ex-limits-activity``       ``activity_relative_gradient(W, Z, lam)``
-:func:`check_sigma_inverse`               ``ex-sampling-newton``       ``sigma_inverse_newton(v, alpha)``
-:func:`check_lognormal_density`           ``ex-cov-lognormal``         ``lognormal_density(x)``
-:func:`check_logdet_by_hand`              ``ex-cov-logdet-2x2``        ``logdet_by_hand(p)``
-:func:`check_training_memory_gib`         ``ex-limits-memory``         ``training_memory_gib(dim, n_layers, bytes)``
-:func:`check_logit_nats_to_bpd`           ``ex-images-convert``        ``logit_nats_to_bpd(nats, y, lam, levels)``
-========================================  ===========================  ============================
+=========================================  ===========================  =============================================
+check                                      exercise label               function checked
+=========================================  ===========================  =============================================
+:func:`check_logdet_grad_2x2`              ``ex-logdet-two``            ``logdet_grad_2x2(W)``
+:func:`check_relative_gradient`            ``ex-rel-examples``          ``relative_gradient(f, W)``
+:func:`check_left_relative_weight_update`  ``ex-rel-left``              ``left_relative_weight_update(Delta, Z, W)``
+:func:`check_strict_layer_update`          ``ex-biases-centred``        ``strict_layer_update(W, b, Y, Delta)``
+:func:`check_bpd_from_unit_nats`           ``ex-cov-bpd``               ``bpd_from_unit_nats(nats, dim, levels)``
+:func:`check_layer_jacobian`               ``ex-jacobian-layer``        ``layer_jacobian(W, b, z, phi_prime)``
+:func:`check_ica_step`                     ``ex-rel-ica-adam``          ``ica_step(W, X, mu)``
+:func:`check_whiten`                       ``ex-ica-whitening``         ``whiten(X)``
+:func:`check_activity_relative_gradient`   ``ex-limits-activity``       ``activity_relative_gradient(W, Z, lam)``
+:func:`check_sigma_inverse`                ``ex-sampling-newton``       ``sigma_inverse_newton(v, alpha)``
+:func:`check_sigma_inverse_bisect`         ``ex-sampling-bisection``    ``sigma_inverse_bisect(v, alpha, tol)``
+:func:`check_make_sampler`                 ``ex-sampling-cached``       ``make_sampler(model)``
+:func:`check_lognormal_density`            ``ex-cov-lognormal``         ``lognormal_density(x)``
+:func:`check_logdet_by_hand`               ``ex-cov-logdet-2x2``        ``logdet_by_hand(p)``
+:func:`check_training_memory_gib`          ``ex-limits-memory``         ``training_memory_gib(dim, n_layers, bytes)``
+:func:`check_logit_nats_to_bpd`            ``ex-images-convert``        ``logit_nats_to_bpd(nats, y, lam, levels)``
+:func:`check_laplace_deltas`               ``ex-backprop-laplace``      ``laplace_deltas(model, x)``
+:func:`check_accumulator_deltas`           ``ex-backprop-accumulator``  ``accumulator_deltas(tmodel, x)``
+:func:`check_conv1x1_relative_gradient`    ``ex-backprop-conv1x1``      ``conv1x1_relative_gradient(x, W)``
+=========================================  ===========================  =============================================
 
 Operation counts (the "you formed ``W^T W`` first" hints) are measured by behaviour, not by timing: the
 student's function receives NumPy arrays of a subclass that records the shapes of every matrix product
 (``@``, ``np.matmul``, ``np.dot``, ``ndarray.dot``); a product of two ``D x D`` matrices is the cubic
 mistake.  A function that computes without any visible product (``np.einsum``, a conversion to torch) is
-checked on its values only, and the check says so.
+checked on its values only, and the check says so.  The same arrays record the ``numpy.linalg`` functions
+they are passed to (an inverse where the exercise is to do without one); a sampler that should factorise
+once is observed by recording the calls to ``numpy.linalg``'s factorisations while it draws.
 """
 
 from __future__ import annotations
@@ -51,36 +59,48 @@ from ..numpy.gradients import relative_layer
 
 __all__ = [
     "EXERCISE_CHECKS",
+    "check_accumulator_deltas",
     "check_activity_relative_gradient",
     "check_bpd_from_unit_nats",
+    "check_conv1x1_relative_gradient",
     "check_ica_step",
+    "check_laplace_deltas",
     "check_layer_jacobian",
+    "check_left_relative_weight_update",
     "check_logdet_by_hand",
     "check_logdet_grad_2x2",
     "check_logit_nats_to_bpd",
     "check_lognormal_density",
+    "check_make_sampler",
     "check_relative_gradient",
-    "check_relative_weight_update",
     "check_sigma_inverse",
+    "check_sigma_inverse_bisect",
     "check_strict_layer_update",
     "check_training_memory_gib",
+    "check_whiten",
 ]
 
 #: exercise label -> name of the check function in this module.
 EXERCISE_CHECKS: Dict[str, str] = {
     "ex-logdet-two": "check_logdet_grad_2x2",
     "ex-rel-examples": "check_relative_gradient",
-    "ex-backprop-two-forms": "check_relative_weight_update",
+    "ex-rel-left": "check_left_relative_weight_update",
     "ex-biases-centred": "check_strict_layer_update",
     "ex-cov-bpd": "check_bpd_from_unit_nats",
     "ex-jacobian-layer": "check_layer_jacobian",
     "ex-rel-ica-adam": "check_ica_step",
+    "ex-ica-whitening": "check_whiten",
     "ex-limits-activity": "check_activity_relative_gradient",
     "ex-sampling-newton": "check_sigma_inverse",
+    "ex-sampling-bisection": "check_sigma_inverse_bisect",
+    "ex-sampling-cached": "check_make_sampler",
     "ex-cov-lognormal": "check_lognormal_density",
     "ex-cov-logdet-2x2": "check_logdet_by_hand",
     "ex-limits-memory": "check_training_memory_gib",
     "ex-images-convert": "check_logit_nats_to_bpd",
+    "ex-backprop-laplace": "check_laplace_deltas",
+    "ex-backprop-accumulator": "check_accumulator_deltas",
+    "ex-backprop-conv1x1": "check_conv1x1_relative_gradient",
 }
 
 _NOT_IMPLEMENTED = object()
@@ -164,9 +184,11 @@ def _result(fn: Callable[..., Any], *args: Any) -> Any:
 
 
 class _Counted(np.ndarray):
-    """An ndarray that records the operand shapes of every matrix product it takes part in."""
+    """An ndarray that records the operand shapes of every matrix product it takes part in, and the names of
+    the ``numpy.linalg`` functions (``inv``, ``solve``, ...) it is passed to."""
 
     log: List[Tuple[Tuple[int, ...], Tuple[int, ...]]]
+    linalg: List[str]
 
     def __array_ufunc__(self, ufunc: Any, method: str, *inputs: Any, **kwargs: Any) -> Any:
         plain = [np.asarray(x) if isinstance(x, _Counted) else x for x in inputs]
@@ -178,6 +200,8 @@ class _Counted(np.ndarray):
         return _wrap(result)
 
     def __array_function__(self, func: Any, types: Any, args: Any, kwargs: Any) -> Any:
+        if getattr(func, "__module__", "") == "numpy.linalg":
+            _Counted.linalg.append(func.__name__)
         if func is np.dot:
             _Counted.log.append((np.shape(args[0]), np.shape(args[1])))
         elif func is np.linalg.multi_dot:
@@ -191,6 +215,7 @@ class _Counted(np.ndarray):
 
 
 _Counted.log = []
+_Counted.linalg = []
 
 
 def _unwrap(obj: Any) -> Any:
@@ -213,10 +238,20 @@ def _wrap(obj: Any) -> Any:
 
 def _counted_call(fn: Callable[..., Any], *arrays: np.ndarray) -> Tuple[Any, List[Tuple[Tuple[int, ...], ...]]]:
     """Call fn on counting copies of ``arrays``; return its result (plain) and the list of products."""
-    _Counted.log = []
-    out = _result(fn, *[np.array(a).view(_Counted) for a in arrays])
-    log, _Counted.log = list(_Counted.log), []
-    return _unwrap(out), log
+    out, log, _ = _counted_call_linalg(fn, *arrays)
+    return out, log
+
+
+def _counted_call_linalg(fn: Callable[..., Any], *arrays: np.ndarray
+                         ) -> Tuple[Any, List[Tuple[Tuple[int, ...], ...]], List[str]]:
+    """As :func:`_counted_call`, and also the names of the ``numpy.linalg`` functions called on the inputs."""
+    _Counted.log, _Counted.linalg = [], []
+    try:
+        out = _result(fn, *[np.array(a).view(_Counted) for a in arrays])
+        log, linalg = list(_Counted.log), list(_Counted.linalg)
+    finally:
+        _Counted.log, _Counted.linalg = [], []
+    return _unwrap(out), log, linalg
 
 
 def _cubic_products(log: Sequence[Tuple[Tuple[int, ...], ...]], dim: int) -> List[str]:
@@ -318,21 +353,21 @@ def check_relative_gradient(relative_gradient: Callable[[Callable[[Any], Any], n
     return _run("ex-rel-examples", relative_gradient, body, strict)
 
 
-def _reference_data_update(Delta: np.ndarray, Z: np.ndarray, W: np.ndarray) -> np.ndarray:
-    return Delta.T @ ((Z @ W.T) @ W)
+def check_left_relative_weight_update(
+        left_relative_weight_update: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray], *,
+        strict: bool = False) -> bool:
+    """Check ``left_relative_weight_update(Delta, Z, W)`` = ``W W^T Delta^T Z - W`` in ``O(M D^2)`` (``ex-rel-left``).
 
-
-def check_relative_weight_update(relative_weight_update: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray],
-                                 *, strict: bool = False) -> bool:
-    """Check ``relative_weight_update(Delta, Z, W)`` = ``Delta^T Z W^T W`` in ``O(M D^2)`` (``ex-backprop-two-forms``).
-
-    Values are compared with ``Delta^T ((Z W^T) W)`` on seeded inputs with ``M = 3`` and ``D = 40``; the
-    operation count is measured by recording every matrix product: a ``D x D`` by ``D x D`` product
-    (``W^T W``, or ``(Delta^T Z) W^T`` when ``Delta^T Z`` is formed first) costs ``O(D^3)`` and fails.
-    Hints: forgot a ``W`` factor, wrong transpose (``W W^T``), cubic order.
+    The update direction of the perturbation ``W -> W (I + eps)`` for the whole loss of one layer (data part
+    ``Delta^T Z``, log-determinant part ``-W^{-T}``, so ``W W^T (Delta^T Z - W^{-T}) = W W^T Delta^T Z - W``), on
+    seeded inputs with ``M = 3`` and ``D = 40``; every matrix product is recorded and one of two ``D x D``
+    matrices (``W W^T``, or ``W (W^T Delta^T Z)`` when ``Delta^T Z`` is formed first) costs ``O(D^3)`` and
+    fails.  Hints: the right relative update ``Delta^T Z W^T W - W`` instead of the left one, the ``-W`` of the
+    log-determinant forgotten or with the wrong sign, ``W^T W`` instead of ``W W^T``, the outer product
+    transposed, the cubic order.
 
     Args:
-        relative_weight_update: the student's function ``(Delta (M, D), Z (M, D), W (D, D)) -> (D, D)``.
+        left_relative_weight_update: the student's function ``(Delta (M, D), Z (M, D), W (D, D)) -> (D, D)``.
         strict: raise ``AssertionError`` on failure (for autograding) instead of only printing.
 
     Returns:
@@ -342,34 +377,40 @@ def check_relative_weight_update(relative_weight_update: Callable[[np.ndarray, n
         rng = np.random.default_rng(20242)
         M, D = 3, 40
         Delta, Z, W = rng.standard_normal((M, D)), rng.standard_normal((M, D)), rng.standard_normal((D, D))
-        out, log = _counted_call(relative_weight_update, Delta, Z, W)
+        out, log = _counted_call(left_relative_weight_update, Delta, Z, W)
         got = _as_array(out, "the weight update")
-        ref = _reference_data_update(Delta, Z, W)
+        G = Delta.T @ Z  # the ordinary gradient of the data part
+        ref = W @ (W.T @ G) - W
         if got.shape != (D, D):
             raise _Failed(f"returned shape {got.shape}, expected ({D}, {D}) for Delta, Z of shape ({M}, {D}).")
         if not _close(got, ref):
-            G = Delta.T @ Z
             hint = _match_mistake(got, [
-                (G, "you returned Delta^T Z, the ordinary data gradient: multiply by W^T W (from the right)."),
-                (G @ W.T, "you stopped at the relative gradient Delta^T Z W^T: the update direction has one "
-                          "more factor W."),
-                (G @ W @ W.T, "wrong transpose: you computed Delta^T Z W W^T; the update is Delta^T Z W^T W, "
-                              "i.e. Delta^T (Y0 W) with Y0 = Z W^T."),
-                (W.T @ W @ G, "wrong side: W^T W multiplies Delta^T Z from the right."),
-                (Z.T @ Delta @ W.T @ W, "you transposed the outer product: it is Delta^T Z, not Z^T Delta."),
+                (G @ W.T @ W - W, "that is the right relative update Delta^T Z W^T W - W (perturbation (I + eps) W); "
+                                  "perturbing W (I + eps) puts the factor W W^T on the left: W W^T Delta^T Z - W."),
+                (W @ W.T @ G, "the log-determinant term is missing: subtract W (W W^T times the -W^{-T} of "
+                              "-log|det W| is -W)."),
+                (W @ W.T @ G + W, "the log-determinant term has the wrong sign: the loss contains -log|det W|, "
+                                  "whose part of the update is -W."),
+                (W.T @ W @ G - W, "wrong transpose: W (I + eps) = W + W eps gives the factor W W^T, not W^T W."),
+                (W @ W.T @ Z.T @ Delta - W, "you transposed the outer product: the data gradient is Delta^T Z, "
+                                            "not Z^T Delta."),
+                (G, "you returned Delta^T Z, the ordinary data gradient: multiply it by W W^T from the left and "
+                    "subtract W."),
+                (G - W, "the factor W W^T is missing in front of Delta^T Z."),
             ])
-            raise _Failed(hint or "wrong value: expected Delta^T Z W^T W = Delta.T @ ((Z @ W.T) @ W).")
+            raise _Failed(hint or "wrong value: expected W W^T Delta^T Z - W = ((Delta @ W) @ W.T).T @ Z - W.")
         cubic = _cubic_products(log, D)
         if cubic:
             raise _Failed(f"right value, wrong cost: you multiplied two {D}x{D} matrices ({cubic[0]}), which "
-                          "costs O(D^3). Do not form W^T W (or Delta^T Z) first: evaluate Delta.T @ ((Z @ W.T) @ W), "
-                          "three products of O(M D^2).")
+                          "costs O(D^3). Do not form W W^T (or Delta^T Z) first: evaluate "
+                          "((Delta @ W) @ W.T).T @ Z - W, three products of O(M D^2).")
         if not log:
-            return (f"{_name(relative_weight_update)} returns the right values (its operation count could not be "
-                    "observed: no @/np.matmul/np.dot on the inputs).")
-        return f"{_name(relative_weight_update)} returns Delta^T Z W^T W with {len(log)} products, none of them D x D by D x D."
+            return (f"{_name(left_relative_weight_update)} returns the right values (its operation count could not "
+                    "be observed: no @/np.matmul/np.dot on the inputs).")
+        return (f"{_name(left_relative_weight_update)} returns W W^T Delta^T Z - W with {len(log)} products, none of "
+                "them D x D by D x D.")
 
-    return _run("ex-backprop-two-forms", relative_weight_update, body, strict)
+    return _run("ex-rel-left", left_relative_weight_update, body, strict)
 
 
 def check_strict_layer_update(strict_layer_update: Callable[..., Tuple[np.ndarray, np.ndarray]], *,
@@ -827,3 +868,479 @@ def check_logit_nats_to_bpd(logit_nats_to_bpd: Callable[..., float], *, strict: 
         return f"{_name(logit_nats_to_bpd)} converts logit-space nats to bits/dim with the mean Jacobian."
 
     return _run("ex-images-convert", logit_nats_to_bpd, body, strict)
+
+
+def check_conv1x1_relative_gradient(conv1x1_relative_gradient: Callable[[np.ndarray, np.ndarray], np.ndarray], *,
+                                    strict: bool = False) -> bool:
+    """Check ``conv1x1_relative_gradient(x, W)``, the relative gradient of a ``1 x 1`` convolution (``ex-backprop-conv1x1``).
+
+    ``x`` has shape ``(N, P, C)`` (image ``n``, pixel ``p``, channel vector ``x[n, p]``) and ``y_np = W x_np``;
+    the loss is ``-(1/N) sum_n [sum_p log N(y_np; 0, I) + P log|det W|]``.  The reference is the ordinary
+    gradient ``(1/N) sum_np y_np x_np^T - P W^{-T}`` times ``W^T W``, i.e. ``(1/N) sum_np y_np y_np^T W - P W``,
+    on seeded inputs with ``N = 4``, ``P = 9``, ``C = 6``.  An inverse (``np.linalg.inv``, ``solve``, ...) on the
+    inputs fails.  Both orders pass, with a note on their cost: ``(Y^T Y) W`` (a ``C x C`` by ``C x C`` product,
+    ``2 N P C^2 + 2 C^3``) and ``Y^T (Y W)`` (``4 N P C^2``), ``Y`` the ``(N P, C)`` rows; with ``N P > C`` rows, as
+    for images, the first is the cheaper one, the opposite of a dense layer's ``M < D``.  Hints: the factor ``P``
+    of the log-determinant forgotten, the log-determinant term missing or with the wrong sign, the ordinary
+    gradient, ``grad W^T`` instead of ``grad W^T W``, ``W`` on the wrong side, a sum over images or a mean over
+    pixels, ``x @ W`` instead of ``x @ W.T``, an inverse.
+
+    Args:
+        conv1x1_relative_gradient: the student's function ``(x (N, P, C), W (C, C)) -> (C, C)``.
+        strict: raise ``AssertionError`` on failure (for autograding) instead of only printing.
+
+    Returns:
+        True when the value agrees with the reference and no inverse of the inputs was computed.
+    """
+    def body() -> str:
+        rng = np.random.default_rng(20251)
+        N, P, C = 4, 9, 6
+        x, W = rng.standard_normal((N, P, C)), rng.standard_normal((C, C))
+        out, log, linalg = _counted_call_linalg(conv1x1_relative_gradient, x, W)
+        got = _as_array(out, "the relative gradient")
+        Y = x @ W.T                                         # y_np = W x_np, channel vectors in the last axis
+        S_yy = np.einsum("npi,npj->ij", Y, Y)               # sum over images and pixels of y y^T
+        ordinary = np.einsum("npi,npj->ij", Y, x) / N - P * np.linalg.inv(W).T
+        ref = ordinary @ W.T @ W
+        if got.shape != (C, C):
+            raise _Failed(f"returned shape {got.shape}, expected ({C}, {C}) for x of shape ({N}, {P}, {C}).")
+        if not _close(got, ref):
+            Y_wrong = x @ W
+            hint = _match_mistake(got, [
+                (S_yy @ W / N - W, "the log-determinant of the whole map is P log|det W| (one W per pixel): "
+                                   "subtract P W, not W."),
+                (S_yy @ W / N, "the log-determinant term is missing: its relative gradient is -P W."),
+                (S_yy @ W / N + P * W, "the log-determinant term has the wrong sign: the loss contains "
+                                       "-P log|det W|, whose relative gradient is -P W."),
+                (ordinary, "that is the ordinary gradient (1/N) sum y x^T - P W^{-T}; multiply it by W^T W from "
+                           "the right: (1/N) sum y y^T W - P W, no inverse."),
+                (S_yy / N - P * np.eye(C), "you stopped at grad W^T = (1/N) sum y y^T - P I; the update "
+                                           "direction is grad W^T W, one more factor W on the right."),
+                (W @ S_yy / N - P * W, "the factor W belongs on the right: (1/N) sum y y^T W - P W."),
+                (S_yy @ W - P * W, "the loss is a mean over the N images: divide the data term by N."),
+                (S_yy @ W / N - N * P * W, "the loss is a mean over the N images: its log-determinant term "
+                                           "is P log|det W|, not N P log|det W|."),
+                (ref / P, "you averaged over the pixels too: log p of an image is the sum over its P pixels "
+                          "(and P log|det W|); average over the N images only."),
+                (Y_wrong.reshape(-1, C).T @ (Y_wrong.reshape(-1, C) @ W) / N - P * W,
+                 "y_p = W x_p: with the channel vectors along the last axis of x, Y = x @ W.T, not x @ W."),
+            ])
+            raise _Failed(hint or "wrong value: expected (1/N) sum_np y_np y_np^T W - P W with y_np = W x_np.")
+        inverses = sorted(set(linalg) & {"inv", "solve", "pinv", "lstsq", "tensorinv", "tensorsolve"})
+        if inverses:
+            raise _Failed(f"right value, but you called np.linalg.{inverses[0]}: the point of the relative gradient "
+                          "is that it needs no inverse (W^{-T} W^T W = W, so the log-determinant part is -P W).")
+        cubic = _cubic_products(log, C)
+        order = ""
+        if cubic:  # forming the C x C matrix first: the cheaper order when the N P rows outnumber the C channels
+            order = (f" It forms a C x C matrix first ({cubic[0]}): 2 N P C^2 + O(C^3), cheaper than the thin "
+                     "Y^T (Y W) (4 N P C^2) whenever N P > C, as for images.")
+        return f"{_name(conv1x1_relative_gradient)} returns (1/N) sum y y^T W - P W with no inverse.{order}"
+
+    return _run("ex-backprop-conv1x1", conv1x1_relative_gradient, body, strict)
+
+
+def _random_flow(dim: int, n_layers: int, seed: int) -> Any:
+    """A NumPy DenseFlow with generic (non-orthogonal) weights and non-zero biases, for the checks."""
+    from ..numpy.flow import DenseFlow
+
+    rng = np.random.default_rng(seed)
+    model = DenseFlow(dim, n_layers, rng=seed)
+    for w, b in zip(model.weights, model.biases):
+        w += 0.3 * rng.standard_normal(w.shape)   # in place: the model keeps its arrays
+        b += 0.5 * rng.standard_normal(b.shape)
+    return model
+
+
+def _backprop(model: Any, x: np.ndarray, start: np.ndarray, direct: float = 1.0) -> List[np.ndarray]:
+    """Delta_1..Delta_L from Delta_L = start: (Delta_{k+1} W_{k+1}) sigma'(Y_k) - direct sigma''/sigma'(Y_k) / M."""
+    from ..numpy.activation import dlog_sigma_prime
+
+    tr = model.trace(x)
+    m = x.shape[0]
+    delta, out = start, [start]
+    for k in range(model.n_layers - 2, -1, -1):
+        y = tr.ys[k]
+        delta = (delta @ model.weights[k + 1]) * sigma_prime(y, model.alpha)
+        delta = delta - direct * dlog_sigma_prime(y, model.alpha) / m
+        out.append(delta)
+    return out[::-1]
+
+
+def _list_of_arrays(value: Any, n: int, shape: Tuple[int, ...], what: str) -> List[np.ndarray]:
+    if not isinstance(value, (list, tuple)):
+        raise _Failed(f"should return a list of {n} arrays ({what}, layer 1 first), got {type(value).__name__}.")
+    if len(value) != n:
+        raise _Failed(f"returned {len(value)} arrays for a flow of {n} layers: one Delta_k per layer, layer 1 first.")
+    arrays = [_as_array(v, what) for v in value]
+    for k, a in enumerate(arrays):
+        if a.shape != shape:
+            raise _Failed(f"Delta_{k + 1} has shape {a.shape}, expected {shape} (one row per sample).")
+    return arrays
+
+
+def _match_list(got: List[np.ndarray], mistakes: Sequence[Tuple[List[np.ndarray], str]]) -> Optional[str]:
+    for value, hint in mistakes:
+        if all(_close(g, v) for g, v in zip(got, value)):
+            return hint
+    return None
+
+
+def check_laplace_deltas(laplace_deltas: Callable[[Any, np.ndarray], Sequence[np.ndarray]], *,
+                         strict: bool = False) -> bool:
+    """Check ``laplace_deltas(model, x)``, the ``Delta_k`` for a standard Laplace base (``ex-backprop-laplace``).
+
+    ``model`` is a seeded three-layer :class:`relgrad.numpy.DenseFlow` with generic weights and biases,
+    ``x`` an ``(M, D)`` batch; the reference, in the minimisation convention of :func:`relgrad.numpy.deltas`,
+    starts from ``Delta_L = sign(S) / M`` and runs the unchanged recursion.  Hints: the Gaussian start
+    ``S / M`` kept, the sign of ``Delta_L`` flipped, the maximisation convention (``delta_k`` instead of
+    ``-delta_k / M``), a sum instead of a mean, the activation's direct term forgotten or with the wrong sign,
+    the layers in the wrong order.
+
+    Args:
+        laplace_deltas: the student's function ``(model, x (M, D)) -> [Delta_1, ..., Delta_L]``, each ``(M, D)``.
+        strict: raise ``AssertionError`` on failure (for autograding) instead of only printing.
+
+    Returns:
+        True when every ``Delta_k`` agrees with the reference.
+    """
+    def body() -> str:
+        model = _random_flow(4, 3, 20252)
+        x = np.random.default_rng(20253).standard_normal((6, 4))
+        M, L = x.shape[0], model.n_layers
+        s = model.trace(x).s
+        got = _list_of_arrays(_result(laplace_deltas, model, x.copy()), L, x.shape, "the Delta_k")
+        ref = _backprop(model, x, np.sign(s) / M)
+        if all(_close(g, r) for g, r in zip(got, ref)):
+            return (f"{_name(laplace_deltas)} returns the Laplace Delta_1..Delta_{L} (start sign(S)/M, recursion "
+                    "unchanged).")
+        hint = _match_list(got, [
+            (_backprop(model, x, s / M), "that is the Gaussian start Delta_L = S / M: for log p_s = -|s| - log 2 "
+                                         "the start is Delta_L = sign(S) / M (the recursion is unchanged)."),
+            (_backprop(model, x, -np.sign(s) / M), "the sign of Delta_L is flipped: the loss derivative of "
+             "-log p_s(s) = |s| + log 2 is +sign(s), so Delta_L = sign(S) / M."),
+            ([-M * r for r in ref], "that is the maximisation convention (delta_k, derivatives of the "
+                                    "log-likelihood); return relgrad's Delta_k = -delta_k / M."),
+            ([M * r for r in ref], "the 1/M of the mean over the batch is missing (in Delta_L and in the direct "
+                                   "term)."),
+            (_backprop(model, x, np.sign(s) / M, direct=0.0), "the activation's direct term is missing: each "
+             "hidden layer adds -sigma''(Y_k) / sigma'(Y_k) / M (the log sigma' of L_J^1)."),
+            (_backprop(model, x, np.sign(s) / M, direct=-1.0), "the activation's direct term has the wrong sign: "
+             "subtract sigma''(Y_k) / sigma'(Y_k) / M."),
+            (ref[::-1], "the list is in the wrong order: return Delta_1 (the first layer) first."),
+        ])
+        bad = next(k for k, (g, r) in enumerate(zip(got, ref)) if not _close(g, r))
+        raise _Failed(hint or f"Delta_{bad + 1} is wrong: expected Delta_L = sign(S)/M, then "
+                              "Delta_k = (Delta_{k+1} W_{k+1}) * sigma'(Y_k) - sigma''/sigma'(Y_k) / M.")
+
+    return _run("ex-backprop-laplace", laplace_deltas, body, strict)
+
+
+def check_accumulator_deltas(accumulator_deltas: Callable[[Any, Any], Sequence[Any]], *, strict: bool = False) -> bool:
+    """Check ``accumulator_deltas(tmodel, x)``, the ``Delta_k`` from zero accumulators (``ex-backprop-accumulator``).
+
+    ``tmodel`` is a seeded three-layer :class:`relgrad.torch.DenseFlow` (float64, CPU) with generic
+    parameters and ``x`` an ``(M, D)`` float64 tensor; the reference is :func:`relgrad.numpy.deltas` of the
+    NumPy flow with the same parameters (standard normal base, minimisation convention).  Tensors or arrays
+    are accepted.  Hints: a sum instead of a mean, the maximisation convention or a flipped sign, the
+    accumulators added after the activation instead of to the pre-activations, the activations'
+    log-derivative term missing from the loss, the layers in the wrong order.
+
+    Args:
+        accumulator_deltas: the student's function ``(tmodel, x (M, D) tensor) -> [Delta_1, ..., Delta_L]``.
+        strict: raise ``AssertionError`` on failure (for autograding) instead of only printing.
+
+    Returns:
+        True when every ``Delta_k`` agrees with the reference.
+    """
+    import torch
+
+    from .. import torch as rt
+    from ..numpy.gradients import deltas
+
+    def body() -> str:
+        model = _random_flow(5, 3, 20254)
+        x = np.random.default_rng(20255).standard_normal((8, 5))
+        M, L = x.shape[0], model.n_layers
+        tmodel = rt.DenseFlow(model.dim, L, alpha=model.alpha, dtype=torch.float64, device="cpu")
+        with torch.no_grad():
+            for k in range(L):
+                tmodel.weights[k].copy_(torch.from_numpy(model.weights[k]))
+                tmodel.biases[k].copy_(torch.from_numpy(model.biases[k]))
+        got = _list_of_arrays(_result(accumulator_deltas, tmodel, torch.from_numpy(x.copy())), L, x.shape,
+                              "the Delta_k")
+        tr = model.trace(x)
+        ref = deltas(model, tr)
+        if all(_close(g, r) for g, r in zip(got, ref)):
+            return f"{_name(accumulator_deltas)} returns relgrad's Delta_1..Delta_{L} from the accumulators."
+        after = [ref[k + 1] @ model.weights[k + 1] for k in range(L - 1)] + [ref[-1]]  # dLoss/dZ_k, dLoss/dS
+        hint = _match_list(got, [
+            ([M * r for r in ref], "the 1/M is missing: the loss is the mean negative log-likelihood over the batch, "
+                                   "not the sum."),
+            ([-M * r for r in ref], "that is the maximisation convention (derivatives of the summed log-likelihood): "
+                                    "differentiate the loss -mean(log p), as relgrad does."),
+            ([-r for r in ref], "the sign is flipped: differentiate the loss, minus the mean log-likelihood."),
+            (after, "the accumulators sit after the activations: add them to the pre-activations "
+                    "y_k = z_{k-1} W_k^T + b_k, before sigma."),
+            (_backprop(model, x, tr.s / M, direct=0.0), "the activations' term is missing from the loss: the data "
+             "loss is -mean(log N(s) + sum_k sum_i log sigma'(y_k,i)) (relgrad.torch.log_sigma_prime)."),
+            (ref[::-1], "the list is in the wrong order: return Delta_1 (the first layer) first."),
+        ])
+        bad = next(k for k, (g, r) in enumerate(zip(got, ref)) if not _close(g, r))
+        raise _Failed(hint or f"Delta_{bad + 1} differs from relgrad.numpy.deltas: differentiate "
+                              "-mean(log N(s; 0, I) + sum_k log sigma'(y_k)) with respect to zero accumulators "
+                              "added to every pre-activation.")
+
+    return _run("ex-backprop-accumulator", accumulator_deltas, body, strict)
+
+
+def check_whiten(whiten: Callable[[np.ndarray], Tuple[np.ndarray, np.ndarray]], *, strict: bool = False) -> bool:
+    """Check ``whiten(X) -> (Z, V)``: ``V = Sigma^{-1/2}`` symmetric, ``Z = (X - mean) V^T`` (``ex-ica-whitening``).
+
+    ``Sigma`` is the covariance of the centred rows of ``X`` divided by ``N``; the test data are seeded,
+    correlated, with a non-zero mean.  Hints: the pair swapped, ``N - 1`` instead of ``N`` (``np.cov``'s
+    default), the entrywise power ``Sigma ** -0.5``, ``Sigma^{-1}`` or ``Sigma^{1/2}`` instead of
+    ``Sigma^{-1/2}``, a non-symmetric whitening matrix (Cholesky), the mean not removed (from the covariance or
+    from ``Z``), a per-column standardisation, ``X`` changed in place.
+
+    Args:
+        whiten: the student's function ``X (N, D) -> (Z (N, D), V (D, D))``.
+        strict: raise ``AssertionError`` on failure (for autograding) instead of only printing.
+
+    Returns:
+        True when ``V`` and ``Z`` agree with the reference.
+    """
+    def body() -> str:
+        rng = np.random.default_rng(20256)
+        N, D = 400, 3
+        mix = np.array([[2.0, 0.0, 0.0], [1.2, 0.5, 0.0], [-0.7, 0.3, 0.2]])
+        X = rng.laplace(size=(N, D)) @ mix.T + np.array([2.0, -1.0, 0.5])
+        X_in = X.copy()
+        out = _result(whiten, X_in)
+        if not np.array_equal(X_in, X):
+            raise _Failed("your function changed X in place; work on a copy (Xc = X - X.mean(axis=0) is a new array).")
+        if not isinstance(out, (tuple, list)) or len(out) != 2:
+            raise _Failed("should return a pair (Z, V): the whitened data and the whitening matrix.")
+        Z, V = _as_array(out[0], "Z"), _as_array(out[1], "V")
+        if Z.shape == (D, D) and V.shape == (N, D):
+            raise _Failed("the pair is swapped: return (Z, V), the whitened data first.")
+        if Z.shape != (N, D) or V.shape != (D, D):
+            raise _Failed(f"returned shapes {Z.shape} and {V.shape}; expected ({N}, {D}) and ({D}, {D}).")
+        Xc = X - X.mean(axis=0)
+        Sigma = Xc.T @ Xc / N
+        evals, evecs = np.linalg.eigh(Sigma)
+        power = lambda p: evecs @ np.diag(evals ** p) @ evecs.T  # noqa: E731  (a matrix function of Sigma)
+        V_ref = power(-0.5)
+        if not np.all(np.isfinite(V)):
+            raise _Failed("V contains NaN or inf: Sigma ** -0.5 takes the power of every entry (negative "
+                          "covariances give NaN). Sigma^{-1/2} is a matrix function: U diag(lambda^{-1/2}) U^T "
+                          "from np.linalg.eigh(Sigma).")
+        if not _close(V, V_ref):
+            Xm = X.T @ X / N
+            ev_m, U_m = np.linalg.eigh(Xm)
+            with np.errstate(all="ignore"):
+                entrywise = Sigma ** -0.5
+            hint = _match_mistake(V, [
+                (V_ref * np.sqrt((N - 1) / N), "you divided the covariance by N - 1 (np.cov's default); divide by N "
+                                               "(np.cov(X.T, bias=True), or Xc.T @ Xc / N) so that Z.T @ Z / N = I."),
+                (entrywise, "Sigma ** -0.5 takes the power of every entry; Sigma^{-1/2} is a matrix function: "
+                            "U diag(lambda^{-1/2}) U^T from np.linalg.eigh(Sigma)."),
+                (power(-1.0), "that is Sigma^{-1}: whitening needs Sigma^{-1/2} (eigenvalues to the power -1/2)."),
+                (power(0.5), "that is Sigma^{1/2}: whitening needs its inverse, Sigma^{-1/2}."),
+                (U_m @ np.diag(ev_m ** -0.5) @ U_m.T, "the covariance must be that of the centred rows: subtract the "
+                                                      "mean before forming X^T X / N."),
+                (np.diag(1 / Xc.std(axis=0)), "dividing every column by its standard deviation removes the scales, "
+                                              "not the correlations: V = Sigma^{-1/2} with the full covariance."),
+                (np.linalg.inv(np.linalg.cholesky(Sigma)), "L^{-1} from the Cholesky factor Sigma = L L^T whitens too, "
+                                                           "but it is not symmetric; V is the symmetric Sigma^{-1/2}."),
+            ])
+            if hint is None and np.allclose(V @ Sigma @ V.T, np.eye(D), atol=1e-8):
+                hint = ("V whitens (V Sigma V^T = I) but is not the symmetric Sigma^{-1/2} = "
+                        "U diag(lambda^{-1/2}) U^T; any rotation of it whitens as well.")
+            raise _Failed(hint or "V is wrong: expected the symmetric Sigma^{-1/2} of the covariance of the centred "
+                                  "rows (divided by N).")
+        Z_ref = Xc @ V_ref.T
+        if not _close(Z, Z_ref):
+            hint = _match_mistake(Z, [
+                (X @ V_ref.T, "V is right but Z is not centred: Z = (X - mean) V^T."),
+                (Xc @ np.linalg.inv(V_ref).T, "Z = Xc V^T multiplies by V = Sigma^{-1/2}, not by its inverse."),
+            ])
+            raise _Failed(hint or "Z is wrong: expected (X - X.mean(axis=0)) @ V.T.")
+        return f"{_name(whiten)} returns Z with identity covariance and the symmetric V = Sigma^-1/2."
+
+    return _run("ex-ica-whitening", whiten, body, strict)
+
+
+def check_sigma_inverse_bisect(sigma_inverse_bisect: Callable[..., Tuple[np.ndarray, int]], *,
+                               strict: bool = False) -> bool:
+    """Check ``sigma_inverse_bisect(v, alpha, tol) -> (u, n_iterations)`` (``ex-sampling-bisection``).
+
+    ``u`` must solve ``sigma(u, alpha) = v`` to ``|u - u*| <= tol max(1, |u*|)`` (with a little room for
+    rounding), compared with :func:`relgrad.numpy.sigma_inverse`, on the chapter's values of ``v`` with
+    ``tol = 1e-8`` and on values with ``|u*| < 16`` with ``tol = 1e-14`` (where a loop that stops on an absolute
+    width still terminates), for ``alpha = 0.3`` and ``0.01``, without changing ``v``.  The iteration count
+    must be one number, and each halving of ``tol`` must cost about one iteration: from ``tol = 1e-8`` to
+    ``1e-14`` it grows by ``log2(1e6) = 19.9`` (17 to 23 accepted).  Hints: no pair returned, an inverted
+    comparison or a bracket that misses the root (the result sits at an end of the bracket), the ``alpha``
+    branch of the bracket forgotten for ``v < 0``, too few iterations, a count that ignores ``tol``.
+
+    Args:
+        sigma_inverse_bisect: the student's function ``(v array (K,), alpha, tol) -> (u array (K,), int)``.
+        strict: raise ``AssertionError`` on failure (for autograding) instead of only printing.
+
+    Returns:
+        True when every case is solved to ``tol`` and the count behaves like a bisection's.
+    """
+    def solve(v: np.ndarray, alpha: float, tol: float) -> Tuple[np.ndarray, int]:
+        v_in = v.copy()
+        with np.errstate(all="ignore"):
+            out = _result(sigma_inverse_bisect, v_in, alpha, tol)
+        if not np.array_equal(v_in, v):
+            raise _Failed("your function changed its input v in place; work on new arrays (np.where returns one).")
+        if not isinstance(out, (tuple, list)) or len(out) != 2:
+            raise _Failed("should return a pair (u, n_iterations): the solution and the number of bisection steps.")
+        u, steps = _as_array(out[0], "u"), _as_array(out[1], "the iteration count")
+        if steps.shape != () or steps != np.round(steps) or steps < 0:
+            raise _Failed(f"the iteration count should be one whole number (all entries are halved together), "
+                          f"got {np.asarray(out[1]).tolist()!r}.")
+        if u.shape != v.shape:
+            raise _Failed(f"returned u of shape {u.shape} for v of shape {v.shape}; keep the shape.")
+        return u, int(steps)
+
+    def body() -> str:
+        chapter_v = np.array([-50.0, -5.0, -1.0, -0.1, 0.0, 0.1, 1.0, 5.0, 50.0])
+        small = {0.3: np.array([-3.0, -0.5, 0.0, 0.2, 2.0, 10.0]), 0.01: np.array([-0.1, 0.0, 0.3, 4.0])}
+        cases = [(chapter_v, 0.3, 1e-8), (chapter_v[2:], 0.01, 1e-8), (small[0.3], 0.3, 1e-14),
+                 (small[0.01], 0.01, 1e-14)]
+        counts = {}
+        for v, alpha, tol in cases:
+            u, steps = solve(v, alpha, tol)
+            counts[(alpha, tol, len(v))] = steps
+            u_star = sigma_inverse(v, alpha)
+            scale = np.maximum(1.0, np.abs(u_star))
+            err = np.abs(u - u_star) / scale
+            if np.all(err <= 1.01 * tol + 4e-15):
+                continue
+            k = int(np.argmax(err))
+            where = f"(alpha = {alpha}, tol = {tol:g}, v = {v[k]:g}: expected {u_star[k]:.15g}, got {u[k]:.15g})"
+            ok = err <= 1.01 * tol + 4e-15
+            c = np.log(2.0)
+            lo, hi = np.minimum(v - c, (v - c) / alpha), np.minimum(v, v / alpha)
+            if np.all(np.isfinite(u)) and np.max(err) < 1e-3:
+                raise _Failed(f"close but not to tol {where}: iterate until the bracket is narrower than "
+                              "tol * max(1, |u|), not a fixed number of times.")
+            near = lambda a, b: np.abs(a - b) <= 2 * tol * np.maximum(1.0, np.abs(b)) + 1e-12  # noqa: E731
+            plain_ends = near(u, v - c) | near(u, v)
+            if np.all(plain_ends[~ok]):
+                raise _Failed(f"the bracket [v - log 2, v] misses the root {where}: for small and negative v, "
+                              "sigma(u) is about alpha u, so take the smaller of the two branches at each end, "
+                              "[min(v - log 2, (v - log 2) / alpha), min(v, v / alpha)].")
+            ends = near(u, lo) | near(u, hi)
+            if np.any(ends & ~ok):
+                raise _Failed(f"the result sits at an end of the bracket {where}: the update is inverted or the "
+                              "bracket misses the root. If sigma(mid) < v the root is right of mid (lo = mid), "
+                              "else hi = mid; the bracket is [min(v - log 2, (v - log 2)/alpha), min(v, v/alpha)].")
+            raise _Failed(f"sigma(u) is not v {where}: bisection keeps a bracket [lo, hi] with sigma(lo) <= v <= "
+                          "sigma(hi) and halves it.")
+        growth = counts[(0.3, 1e-14, 6)] - solve(small[0.3], 0.3, 1e-8)[1]
+        if not 17 <= growth <= 23:
+            raise _Failed(f"the iteration count grows by {growth} from tol = 1e-8 to 1e-14; bisection halves the "
+                          "bracket once per iteration, so it should grow by about log2(1e6) = 20. Count the "
+                          "halvings of the loop, and stop when the bracket is narrower than tol * max(1, |u|).")
+        return (f"{_name(sigma_inverse_bisect)} solves sigma(u) = v to tol in {counts[(0.3, 1e-14, 6)]} halvings at "
+                f"tol = 1e-14 ({growth} more than at 1e-8).")
+
+    return _run("ex-sampling-bisection", sigma_inverse_bisect, body, strict)
+
+
+_FACTORISATIONS = ("inv", "solve", "pinv", "lstsq", "svd", "eig", "cholesky", "qr", "det", "slogdet")
+
+
+def _invert(model: Any, s: np.ndarray, *, transpose: bool = True, bias: bool = True, activation: str = "inverse",
+            order: str = "backward") -> np.ndarray:
+    """x = g^{-1}(s), with flags that reproduce the typical mistakes of a sampler."""
+    from ..numpy.activation import sigma as forward
+
+    layers = range(model.n_layers - 1, -1, -1) if order == "backward" else range(model.n_layers)
+    z, last = s, model.n_layers - 1
+    for k in layers:
+        if k != last or activation == "everywhere":
+            z = sigma_inverse(z, model.alpha) if activation != "forward" else forward(z, model.alpha)
+        inv = np.linalg.inv(model.weights[k])
+        z = (z - model.biases[k] if bias else z) @ (inv.T if transpose else inv)
+    return z
+
+
+def check_make_sampler(make_sampler: Callable[[Any], Callable[[int, Any], np.ndarray]], *,
+                       strict: bool = False) -> bool:
+    """Check ``make_sampler(model) -> sample(n, rng)`` with the inverses computed once (``ex-sampling-cached``).
+
+    ``model`` is a seeded three-layer :class:`relgrad.numpy.DenseFlow` (``D = 16``, generic weights and biases);
+    ``sample(n, rng)`` must return what ``model.sample(n, rng=rng)`` returns (to rounding) for integer seeds and
+    for a generator, ``n = 1`` included.  While ``sample`` runs, the check records calls to ``numpy.linalg``'s
+    factorisations (``inv``, ``solve``, ``svd``, ...; also those inside ``DenseFlow.inverse`` and
+    ``DenseFlow.sample``): any call fails, since the inverses belong in ``make_sampler``.  Hints: another draw
+    of the noise than ``standard_normal((n, D))``, ``W^{-1}`` instead of ``W^{-T}`` in the rows convention, the
+    bias not subtracted, ``sigma`` instead of ``sigma^{-1}``, ``sigma^{-1}`` after the first layer too, the
+    layers in the forward order, a factorisation on every call.
+
+    Args:
+        make_sampler: the student's function ``model -> sample``, with ``sample(n, rng) -> (n, D)`` array.
+        strict: raise ``AssertionError`` on failure (for autograding) instead of only printing.
+
+    Returns:
+        True when the samples agree and ``sample`` factorises nothing.
+    """
+    def body() -> str:
+        model = _random_flow(16, 3, 20257)
+        sampler = _result(make_sampler, model)
+        if not callable(sampler):
+            raise _Failed(f"make_sampler should return a function sample(n, rng), got {type(sampler).__name__}.")
+        calls: List[str] = []
+        saved = {name: getattr(np.linalg, name) for name in _FACTORISATIONS}
+
+        def recording(name: str) -> Callable[..., Any]:
+            def wrapper(*args: Any, **kwargs: Any) -> Any:
+                calls.append(name)
+                return saved[name](*args, **kwargs)
+            return wrapper
+
+        cases = [(7, 11), (1, 3), (5, np.random.default_rng(9))]
+        for n, rng in cases:
+            ref = model.sample(n, rng=np.random.default_rng(9) if not isinstance(rng, int) else rng)
+            for name in _FACTORISATIONS:
+                setattr(np.linalg, name, recording(name))
+            try:
+                with np.errstate(all="ignore"):
+                    got = _as_array(_result(sampler, n, rng), "the samples")
+            finally:
+                for name, fn in saved.items():
+                    setattr(np.linalg, name, fn)
+            what = f"sample({n}, {rng if isinstance(rng, int) else 'a generator'})"
+            if got.shape != ref.shape:
+                raise _Failed(f"{what} returned shape {got.shape}, expected {ref.shape}: one row per sample.")
+            if not _close(got, ref, rtol=1e-9, atol=1e-10):
+                seed = rng if isinstance(rng, int) else 9
+                s = np.random.default_rng(seed).standard_normal((n, model.dim))
+                s_t = np.random.default_rng(seed).standard_normal((model.dim, n)).T
+                hint = _match_mistake(got, [
+                    (_invert(model, s_t), "draw the noise as DenseFlow.sample does: "
+                                          "np.random.default_rng(rng).standard_normal((n, D)), one row per sample."),
+                    (_invert(model, s, transpose=False), "in the rows convention z = (y - b) W^{-T}: multiply by "
+                                                         "inv(W).T, not inv(W)."),
+                    (_invert(model, s, bias=False), "subtract the bias before undoing W: z = (y - b_k) W_k^{-T}."),
+                    (_invert(model, s, activation="forward"), "you applied sigma; going backwards needs sigma^{-1} "
+                                                              "(relgrad.numpy.sigma_inverse)."),
+                    (_invert(model, s, activation="everywhere"), "sigma^{-1} undoes the activations between the "
+                     "layers only: the last layer has no activation (s = y_L), so do not apply it to s."),
+                    (_invert(model, s, order="forward"), "undo the layers from the last to the first."),
+                ])
+                raise _Failed(hint or f"{what} differs from model.sample({n}, rng): start from "
+                                      "s = default_rng(rng).standard_normal((n, D)) and undo the layers last to first.")
+            if calls:
+                raise _Failed(f"right samples, but sample() called np.linalg.{calls[0]} ({len(calls)} factorisation "
+                              "call(s) for one batch): compute the inverses once in make_sampler and only multiply "
+                              "in sample (model.sample and model.inverse factorise on every call).")
+        return f"{_name(make_sampler)} samples like model.sample, with no factorisation per call."
+
+    return _run("ex-sampling-cached", make_sampler, body, strict)
