@@ -98,8 +98,51 @@ def logdet_hand_ref(p):
     return np.log(1 - 0.25 * np.cos(p[1]) * (1 - np.tanh(p[0]) ** 2))
 
 
-def memory_ref(dim, n_layers, bytes_per_number=4):
-    return 3 * bytes_per_number * n_layers * (dim ** 2 + dim) / 2 ** 30
+def memory_ref(dim, n_layers, batch=0, *, bytes_per_number=4):
+    return bytes_per_number * n_layers * (3 * (dim ** 2 + dim) + 2 * batch * dim) / 2 ** 30
+
+
+def _memory(numbers):
+    """A training_memory_gib that counts ``numbers(D, L, M)`` numbers (a typical mistake), with the right signature."""
+    return lambda d, n, m=0, *, bytes_per_number=4: bytes_per_number * numbers(d, n, m) / 2 ** 30
+
+
+def lsn_ref(x, lam):
+    from relgrad.datasets import logit_transform
+    return float(np.mean(-logit_transform(x, lam)[1]))
+
+
+def _lsn(x, lam, *, factor=1.0, sign=1.0, at_x=False, reduce="images", inner=-1.0):
+    """Mean logit-space nats of the uniform model, by hand; the flags reproduce typical mistakes."""
+    xi = x if at_x else lam + (1 - 2 * lam) * x
+    per_pixel = factor * np.log(1 - 2 * lam) + inner * (np.log(xi) + np.log(1 - xi))   # log|dy_d / dx_d|
+    log_p = -sign * per_pixel
+    return {"images": log_p.sum(axis=1).mean(), "pixels": log_p.mean(), "sum": log_p.sum(),
+            "per-image": log_p.sum(axis=1)}[reduce]
+
+
+def _lsn_in_place(x, lam):
+    x *= 1.0 - 2 * lam
+    x += lam
+    return float(np.mean(-(np.log(1 - 2 * lam) - np.log(x) - np.log(1 - x)).sum(axis=1)))
+
+
+def bound_ref(model, radius):
+    lip = np.prod([np.linalg.norm(w, 2) for w in model.weights])
+    rho = np.linalg.norm(model.forward(np.zeros((1, 2)))) + radius * lip
+    D, L = model.dim, model.n_layers
+    return (-0.5 * rho ** 2 - np.log(2 * np.pi) + D * (L - 1) * np.log(model.alpha)
+            + model.logdet_weights().sum())
+
+
+def _bound(model, radius, *, rho=None, act=None, det=1.0, norm=2, combine=np.prod, log2pi=1.0, half=0.5):
+    """The weight-only bound with parts replaced: ``rho(g0, R, lip)``, ``act(D, L, alpha)`` (typical mistakes)."""
+    D, L = model.dim, model.n_layers
+    lip = combine([np.linalg.norm(w, norm) for w in model.weights])
+    g0 = np.linalg.norm(model.forward(np.zeros((1, 2))))
+    r = g0 + radius * lip if rho is None else rho(g0, radius, lip)
+    a = D * (L - 1) * np.log(model.alpha) if act is None else act(D, L, model.alpha)
+    return -half * r ** 2 - log2pi * np.log(2 * np.pi) + a + det * model.logdet_weights().sum()
 
 
 def convert_ref(nats, y, lam, levels):
@@ -256,7 +299,7 @@ def sampler_ref(model):
     return _sampler(model)
 
 
-def stub(*args):
+def stub(*args, **kwargs):
     raise NotImplementedError("Exercise: your code here")
 
 
@@ -339,11 +382,59 @@ CASES = {
         (lambda p: np.log(1 - 0.25 * np.cos(p[1]) * np.tanh(p[0])), "not tanh"),
     ]),
     "check_training_memory_gib": (memory_ref, [
-        (lambda d, n, b=4: 3 * b * n * d ** 2 / 2 ** 30, "biases are missing"),
-        (lambda d, n, b=4: b * n * (d ** 2 + d) / 2 ** 30, "two moment estimates are missing"),
-        (lambda d, n, b=4: 2 * b * n * (d ** 2 + d) / 2 ** 30, "three in all"),
-        (lambda d, n, b=4: 3 * b * n * (d ** 2 + d) / 1e9, "not 10^9"),
-        (lambda d, n, b=8: 3 * b * n * (d ** 2 + d) / 2 ** 30, "default bytes_per_number"),
+        (_memory(lambda d, n, m: 3 * n * (d ** 2 + d)), "the activations are missing"),
+        (_memory(lambda d, n, m: 3 * n * (d ** 2 + d) + n * m * d), "count both arrays of each layer"),
+        (_memory(lambda d, n, m: 3 * n * (d ** 2 + d) + 2 * m * d), "not 2 M D"),
+        (_memory(lambda d, n, m: 3 * n * (d ** 2 + d) + (2 * n + 1) * m * d), "s is y_L, already counted"),
+        (_memory(lambda d, n, m: 3 * n * (d ** 2 + d + 2 * m * d)), "not three"),
+        (_memory(lambda d, n, m: 3 * n * d ** 2 + 2 * n * m * d), "biases are missing"),
+        (_memory(lambda d, n, m: n * (d ** 2 + d) + 2 * n * m * d), "two moment estimates are missing"),
+        (_memory(lambda d, n, m: 2 * n * (d ** 2 + d) + 2 * n * m * d), "three in all"),
+        (lambda d, n, m=0, *, bytes_per_number=4: memory_ref(d, n, m, bytes_per_number=bytes_per_number)
+         * 2 ** 30 / 1e9, "not 10^9"),
+        (lambda d, n, m=0, *, bytes_per_number=8: memory_ref(d, n, m, bytes_per_number=bytes_per_number),
+         "not 8"),
+        (lambda d, n, m=100, *, bytes_per_number=4: memory_ref(d, n, m, bytes_per_number=bytes_per_number),
+         "the defaults should be batch = 0"),
+        (lambda d, n, b=4, m=0: memory_ref(d, n, m, bytes_per_number=b), "batch is the third argument"),
+        (lambda d, n, m=0, *, nbytes=4: memory_ref(d, n, m, bytes_per_number=nbytes), "batch is the third argument"),
+        (lambda d, n, m=0, bytes_per_number=4: memory_ref(d, n, bytes_per_number=bytes_per_number),
+         "the activations are missing"),
+    ]),
+    "check_logit_space_nats": (lsn_ref, [
+        (lambda x, lam: _lsn(x, lam, sign=-1.0), "the sign is flipped"),
+        (lambda x, lam: _lsn(x, lam, factor=0.0), "the factor (1 - 2 lam) of d xi / dx is missing"),
+        (lambda x, lam: _lsn(x, lam, factor=-1.0), "do not subtract it"),
+        (lambda x, lam: _lsn(x, lam, inner=1.0), "the inverse of the sigmoid's"),
+        (lambda x, lam: _lsn(x, lam, at_x=True), "not at x"),
+        (lambda x, lam: _lsn(x, lam, at_x=True, factor=0.0), "the margin is missing"),
+        (lambda x, lam: _lsn(x, lam, reduce="pixels"), "a mean over the pixels too"),
+        (lambda x, lam: _lsn(x, lam, reduce="sum"), "a sum over the images"),
+        (lambda x, lam: _lsn(x, lam) - x.shape[1] * np.log(17), "the D log K of the pixel scale"),
+        (lambda x, lam: _lsn(x, lam) + x.shape[1] * np.log(17), "the D log K of the pixel scale"),
+        (lambda x, lam: _lsn(x, lam, reduce="per-image"), "one value per image"),
+        (lambda x, lam: -np.log(1 - 2 * lam) + np.log(x) + np.log(1 - x), "one value per pixel"),
+        (_lsn_in_place, "changed its input x in place"),
+        (lambda x, lam: _lsn(x, lam) + 1.0, "wrong value for lam = 1e-06"),
+    ]),
+    "check_density_lower_bound": (bound_ref, [
+        (lambda m, R: _bound(m, R, act=lambda d, n, a: -d * (n - 1) * np.log(a)), "the activation term enters"),
+        (lambda m, R: _bound(m, R, det=-1.0), "do not subtract it"),
+        (lambda m, R: _bound(m, R, act=lambda d, n, a: 0.0), "sigma' < 1 bounds log sigma' from above"),
+        (lambda m, R: _bound(m, R, act=lambda d, n, a: d * n * np.log(a)), "not D L"),
+        (lambda m, R: _bound(m, R, rho=lambda g0, r, lip: 0.0), "a sup over the disc"),
+        (lambda m, R: _bound(m, R, rho=lambda g0, r, lip: g0 - r * lip), "(a sup)"),
+        (lambda m, R: _bound(m, R, rho=lambda g0, r, lip: r), "the radius R is in data space"),
+        (lambda m, R: _bound(m, R, rho=lambda g0, r, lip: g0 + r), "the Lipschitz factor is missing"),
+        (lambda m, R: _bound(m, R, rho=lambda g0, r, lip: r * lip), "||g(0)|| is missing"),
+        (lambda m, R: _bound(m, R, norm="fro"), "Frobenius norms"),
+        (lambda m, R: _bound(m, R, combine=np.sum), "not their sum"),
+        (lambda m, R: _bound(m, R, log2pi=0.5), "-(D / 2) log(2 pi)"),
+        (lambda m, R: _bound(m, R, half=1.0), "the 1/2 is missing"),
+        (lambda m, R: np.exp(bound_ref(m, R)), "that is the density"),
+        (lambda m, R: bound_ref(m, R) + 30.0, "is not a lower bound"),
+        (lambda m, R: bound_ref(m, R) - 1.0, "is not the weight-only bound"),
+        (lambda m, R: np.full(3, bound_ref(m, R)), "return one number"),
     ]),
     "check_logit_nats_to_bpd": (convert_ref, [
         (lambda n, y, lam, k: -(n - y.shape[1] * np.log(k)) / (y.shape[1] * np.log(2)), "log-Jacobian is missing"),

@@ -14,29 +14,31 @@ Two modes:
 
 Checks and the exercise each belongs to (see ``EXERCISE_CHECKS``):
 
-=========================================  ===========================  =============================================
-check                                      exercise label               function checked
-=========================================  ===========================  =============================================
-:func:`check_logdet_grad_2x2`              ``ex-logdet-two``            ``logdet_grad_2x2(W)``
-:func:`check_relative_gradient`            ``ex-rel-examples``          ``relative_gradient(f, W)``
-:func:`check_left_relative_weight_update`  ``ex-rel-left``              ``left_relative_weight_update(Delta, Z, W)``
-:func:`check_strict_layer_update`          ``ex-biases-centred``        ``strict_layer_update(W, b, Y, Delta)``
-:func:`check_bpd_from_unit_nats`           ``ex-cov-bpd``               ``bpd_from_unit_nats(nats, dim, levels)``
-:func:`check_layer_jacobian`               ``ex-jacobian-layer``        ``layer_jacobian(W, b, z, phi_prime)``
-:func:`check_ica_step`                     ``ex-rel-ica-adam``          ``ica_step(W, X, mu)``
-:func:`check_whiten`                       ``ex-ica-whitening``         ``whiten(X)``
-:func:`check_activity_relative_gradient`   ``ex-limits-activity``       ``activity_relative_gradient(W, Z, lam)``
-:func:`check_sigma_inverse`                ``ex-sampling-newton``       ``sigma_inverse_newton(v, alpha)``
-:func:`check_sigma_inverse_bisect`         ``ex-sampling-bisection``    ``sigma_inverse_bisect(v, alpha, tol)``
-:func:`check_make_sampler`                 ``ex-sampling-cached``       ``make_sampler(model)``
-:func:`check_lognormal_density`            ``ex-cov-lognormal``         ``lognormal_density(x)``
-:func:`check_logdet_by_hand`               ``ex-cov-logdet-2x2``        ``logdet_by_hand(p)``
-:func:`check_training_memory_gib`          ``ex-limits-memory``         ``training_memory_gib(dim, n_layers, bytes)``
-:func:`check_logit_nats_to_bpd`            ``ex-images-convert``        ``logit_nats_to_bpd(nats, y, lam, levels)``
-:func:`check_laplace_deltas`               ``ex-backprop-laplace``      ``laplace_deltas(model, x)``
-:func:`check_accumulator_deltas`           ``ex-backprop-accumulator``  ``accumulator_deltas(tmodel, x)``
-:func:`check_conv1x1_relative_gradient`    ``ex-backprop-conv1x1``      ``conv1x1_relative_gradient(x, W)``
-=========================================  ===========================  =============================================
+=========================================  ================================  ===============================================
+check                                      exercise label                    function checked
+=========================================  ================================  ===============================================
+:func:`check_logdet_grad_2x2`              ``ex-logdet-two``                 ``logdet_grad_2x2(W)``
+:func:`check_relative_gradient`            ``ex-rel-examples``               ``relative_gradient(f, W)``
+:func:`check_left_relative_weight_update`  ``ex-rel-left``                   ``left_relative_weight_update(Delta, Z, W)``
+:func:`check_strict_layer_update`          ``ex-biases-centred``             ``strict_layer_update(W, b, Y, Delta)``
+:func:`check_bpd_from_unit_nats`           ``ex-cov-bpd``                    ``bpd_from_unit_nats(nats, dim, levels)``
+:func:`check_layer_jacobian`               ``ex-jacobian-layer``             ``layer_jacobian(W, b, z, phi_prime)``
+:func:`check_ica_step`                     ``ex-rel-ica-adam``               ``ica_step(W, X, mu)``
+:func:`check_whiten`                       ``ex-ica-whitening``              ``whiten(X)``
+:func:`check_activity_relative_gradient`   ``ex-limits-activity``            ``activity_relative_gradient(W, Z, lam)``
+:func:`check_sigma_inverse`                ``ex-sampling-newton``            ``sigma_inverse_newton(v, alpha)``
+:func:`check_sigma_inverse_bisect`         ``ex-sampling-bisection``         ``sigma_inverse_bisect(v, alpha, tol)``
+:func:`check_make_sampler`                 ``ex-sampling-cached``            ``make_sampler(model)``
+:func:`check_lognormal_density`            ``ex-cov-lognormal``              ``lognormal_density(x)``
+:func:`check_logdet_by_hand`               ``ex-cov-logdet-2x2``             ``logdet_by_hand(p)``
+:func:`check_training_memory_gib`          ``ex-limits-memory``              ``training_memory_gib(dim, n_layers, batch)``
+:func:`check_logit_nats_to_bpd`            ``ex-images-convert``             ``logit_nats_to_bpd(nats, y, lam, levels)``
+:func:`check_logit_space_nats`             ``ex-images-lambda``              ``logit_space_nats(x, lam)``
+:func:`check_laplace_deltas`               ``ex-backprop-laplace``           ``laplace_deltas(model, x)``
+:func:`check_accumulator_deltas`           ``ex-backprop-accumulator``       ``accumulator_deltas(tmodel, x)``
+:func:`check_conv1x1_relative_gradient`    ``ex-backprop-conv1x1``           ``conv1x1_relative_gradient(x, W)``
+:func:`check_density_lower_bound`          ``ex-toy-densities-lower-bound``  ``density_lower_bound(model, radius)``
+=========================================  ================================  ===============================================
 
 Operation counts (the "you formed ``W^T W`` first" hints) are measured by behaviour, not by timing: the
 student's function receives NumPy arrays of a subclass that records the shapes of every matrix product
@@ -63,6 +65,7 @@ __all__ = [
     "check_activity_relative_gradient",
     "check_bpd_from_unit_nats",
     "check_conv1x1_relative_gradient",
+    "check_density_lower_bound",
     "check_ica_step",
     "check_laplace_deltas",
     "check_layer_jacobian",
@@ -70,6 +73,7 @@ __all__ = [
     "check_logdet_by_hand",
     "check_logdet_grad_2x2",
     "check_logit_nats_to_bpd",
+    "check_logit_space_nats",
     "check_lognormal_density",
     "check_make_sampler",
     "check_relative_gradient",
@@ -98,9 +102,11 @@ EXERCISE_CHECKS: Dict[str, str] = {
     "ex-cov-logdet-2x2": "check_logdet_by_hand",
     "ex-limits-memory": "check_training_memory_gib",
     "ex-images-convert": "check_logit_nats_to_bpd",
+    "ex-images-lambda": "check_logit_space_nats",
     "ex-backprop-laplace": "check_laplace_deltas",
     "ex-backprop-accumulator": "check_accumulator_deltas",
     "ex-backprop-conv1x1": "check_conv1x1_relative_gradient",
+    "ex-toy-densities-lower-bound": "check_density_lower_bound",
 }
 
 _NOT_IMPLEMENTED = object()
@@ -117,10 +123,10 @@ def _name(fn: Callable[..., Any]) -> str:
     return getattr(fn, "__name__", repr(fn))
 
 
-def _call(fn: Callable[..., Any], *args: Any) -> Any:
+def _call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     """Call the student's function; NotImplementedError -> sentinel, other errors -> a hint."""
     try:
-        return fn(*args)
+        return fn(*args, **kwargs)
     except NotImplementedError:
         return _NOT_IMPLEMENTED
     except Exception as err:  # the student's bug, reported as a hint
@@ -173,8 +179,8 @@ class _NotImplementedYet(Exception):
     pass
 
 
-def _result(fn: Callable[..., Any], *args: Any) -> Any:
-    out = _call(fn, *args)
+def _result(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    out = _call(fn, *args, **kwargs)
     if out is _NOT_IMPLEMENTED:
         raise _NotImplementedYet
     return out
@@ -800,36 +806,68 @@ def check_logdet_by_hand(logdet_by_hand: Callable[[np.ndarray], float], *, stric
 
 
 def check_training_memory_gib(training_memory_gib: Callable[..., float], *, strict: bool = False) -> bool:
-    """Check ``training_memory_gib(dim, n_layers, bytes_per_number=4)`` (``ex-limits-memory``).
+    """Check ``training_memory_gib(dim, n_layers, batch=0, *, bytes_per_number=4)`` (``ex-limits-memory``).
 
-    Reference: ``3 * bytes * L (D^2 + D) / 2^30`` (parameters and Adam's two moments).  Hints: biases
-    forgotten, Adam's moments forgotten or counted once, decimal gigabytes instead of GiB, the default of
-    ``bytes_per_number`` not 4.
+    Reference: ``bytes * (3 L (D^2 + D) + 2 L M D) / 2^30`` GiB: the parameters and Adam's two moments (three
+    numbers per parameter) and, for a batch of ``M = batch`` samples, the activations the backward pass reads,
+    ``z_{k-1}`` and ``y_k`` (``M x D`` each) for every layer, the arrays a :class:`relgrad.numpy.Trace` keeps.
+    ``batch = 0`` gives the parameters and Adam state alone.  Called as ``fn(D, L, M, bytes_per_number=b)`` and
+    with the defaults ``fn(D, L)`` and ``fn(D, L, M)``.  Hints: the activations forgotten, only ``z`` or only
+    ``y`` counted, the activations of one layer only, ``s`` counted on top of ``y_L``, Adam's moments given to
+    the activations, the biases forgotten, Adam's moments forgotten or counted once, decimal gigabytes instead
+    of GiB, the defaults (``batch = 0``, ``bytes_per_number = 4``) or the order of the arguments.
 
     Args:
-        training_memory_gib: the student's function ``(dim, n_layers, bytes_per_number=4) -> float``.
+        training_memory_gib: the student's function ``(dim, n_layers, batch=0, *, bytes_per_number=4) -> float``.
         strict: raise ``AssertionError`` on failure (for autograding) instead of only printing.
 
     Returns:
         True when every case agrees.
     """
+    def call(*args: Any, **kwargs: Any) -> np.ndarray:
+        try:
+            return _as_array(_result(training_memory_gib, *args, **kwargs), "the memory")
+        except _Failed as failure:
+            if "multiple values" in str(failure) or "unexpected keyword" in str(failure):
+                raise _Failed(f"{failure}. The signature is training_memory_gib(dim, n_layers, batch=0, *, "
+                              "bytes_per_number=4): batch is the third argument.") from failure
+            raise
+
     def body() -> str:
-        for dim, layers, nbytes in ((784, 2, 4), (10, 3, 8), (4096, 1, 2)):
-            got = _as_array(_result(training_memory_gib, dim, layers, nbytes), "the memory")
+        for dim, layers, batch, nbytes in ((10, 3, 7, 8), (784, 2, 100, 4), (4096, 1, 256, 2), (784, 2, 0, 4)):
+            got = call(dim, layers, batch, bytes_per_number=nbytes)
             params = layers * (dim ** 2 + dim)
-            _first_mismatch(got, np.asarray(3 * nbytes * params / 2 ** 30), [
-                (np.asarray(3 * nbytes * layers * dim ** 2 / 2 ** 30), "the biases are missing: each layer has "
-                 "D^2 + D parameters."),
-                (np.asarray(nbytes * params / 2 ** 30), "Adam's two moment estimates are missing: three numbers per "
-                 "parameter."),
-                (np.asarray(2 * nbytes * params / 2 ** 30), "Adam keeps two numbers per parameter on top of the "
-                 "parameter itself: three in all."),
-                (np.asarray(3 * nbytes * params / 1e9), "GiB are 2^30 bytes, not 10^9."),
-            ], f"wrong value for D = {dim}, L = {layers}, {nbytes} bytes per number.")
-        got = _as_array(_result(training_memory_gib, 784, 2), "the memory")
-        if not _close(got, np.asarray(12 * 2 * (784 ** 2 + 784) / 2 ** 30)):
-            raise _Failed("the default bytes_per_number should be 4 (float32).")
-        return f"{_name(training_memory_gib)} counts 3 numbers per parameter, L (D^2 + D) parameters, in GiB."
+            acts = 2 * layers * batch * dim       # z_{k-1} and y_k, M x D each, for every layer
+            gib = lambda numbers: np.asarray(nbytes * numbers / 2 ** 30)  # noqa: E731
+            _first_mismatch(got, gib(3 * params + acts), [
+                (gib(3 * params), "the activations are missing: the backward pass reads z_{k-1} and y_k "
+                 "(M x D each) of every layer, 2 L M D numbers for a batch of M."),
+                (gib(3 * params + acts // 2), "count both arrays of each layer: its input z_{k-1} and its "
+                 "pre-activation y_k, M x D each (2 L M D in all)."),
+                (gib(3 * params + 2 * batch * dim), "the activations are kept for every layer: 2 L M D numbers, "
+                 "not 2 M D."),
+                (gib(3 * params + acts + batch * dim), "s is y_L, already counted: the trace keeps z_0 = x, ..., "
+                 "z_{L-1} and y_1, ..., y_L = s, 2 L arrays of M x D."),
+                (gib(3 * (params + acts)), "Adam's moments belong to the parameters only: the activations are one "
+                 "number each (2 L M D), not three."),
+                (gib(3 * layers * dim ** 2 + acts), "the biases are missing: each layer has D^2 + D parameters."),
+                (gib(params + acts), "Adam's two moment estimates are missing: three numbers per parameter."),
+                (gib(2 * params + acts), "Adam keeps two numbers per parameter on top of the parameter itself: "
+                 "three in all."),
+                (gib(3 * params + acts) * 2 ** 30 / 1e9, "GiB are 2^30 bytes, not 10^9."),
+            ], f"wrong value for D = {dim}, L = {layers}, M = {batch}, {nbytes} bytes per number.")
+        params = 2 * (784 ** 2 + 784)
+        got = call(784, 2)
+        if not _close(got, np.asarray(12 * params / 2 ** 30)):
+            if _close(got, np.asarray(24 * params / 2 ** 30)):
+                raise _Failed("the default bytes_per_number should be 4 (float32), not 8.")
+            raise _Failed("the defaults should be batch = 0 (parameters and Adam state only) and "
+                          "bytes_per_number = 4 (float32).")
+        if not _close(call(784, 2, 100), np.asarray(4 * (3 * params + 2 * 2 * 100 * 784) / 2 ** 30)):
+            raise _Failed("training_memory_gib(784, 2, 100) is wrong: batch is the third argument (the signature is "
+                          "training_memory_gib(dim, n_layers, batch=0, *, bytes_per_number=4)).")
+        return (f"{_name(training_memory_gib)} counts 3 numbers per parameter (L (D^2 + D) of them) and 2 L M D "
+                "activations, in GiB.")
 
     return _run("ex-limits-memory", training_memory_gib, body, strict)
 
@@ -868,6 +906,77 @@ def check_logit_nats_to_bpd(logit_nats_to_bpd: Callable[..., float], *, strict: 
         return f"{_name(logit_nats_to_bpd)} converts logit-space nats to bits/dim with the mean Jacobian."
 
     return _run("ex-images-convert", logit_nats_to_bpd, body, strict)
+
+
+def check_logit_space_nats(logit_space_nats: Callable[[np.ndarray, float], float], *, strict: bool = False) -> bool:
+    """Check ``logit_space_nats(x, lam)``, the mean ``log p_Y(y)`` of the uniform model on the unit cube (``ex-images-lambda``).
+
+    ``x`` is a seeded ``(N, D) = (30, 64)`` batch of dequantised 17-level images in ``[0, 1)``; by the change of
+    variables the model ``log p_X(x) = 0`` has ``log p_Y(y) = -log|det dy/dx|`` in logit space, so the reference
+    is minus the mean over the images of :func:`relgrad.datasets.logit_transform`'s log-Jacobian
+    ``sum_d [log(1 - 2 lam) - log xi_d - log(1 - xi_d)]``, ``xi_d = lam + (1 - 2 lam) x_d``, for
+    ``lam = 1e-6, 1e-3, 0.05`` (the last makes the ``(1 - 2 lam)`` factor visible), without changing ``x``.
+    Hints: the sign (``+log|det|``, the Jacobian of the other direction), the factor ``(1 - 2 lam)`` forgotten
+    or divided by, the logit's derivative ``1 / (xi (1 - xi))`` taken as the sigmoid's ``xi (1 - xi)`` (its log
+    with the wrong sign), the derivative at ``x`` instead of at ``xi``, a mean over the pixels as well, a sum
+    over the images, a ``D log K`` of the pixel scale added or subtracted (the model is on the unit cube), one
+    value per image instead of their mean.
+
+    Args:
+        logit_space_nats: the student's function ``(x (N, D) in [0, 1), lam) -> float``.
+        strict: raise ``AssertionError`` on failure (for autograding) instead of only printing.
+
+    Returns:
+        True when the function agrees with the reference for every ``lam``.
+    """
+    def body() -> str:
+        rng = np.random.default_rng(20254)
+        levels, (N, D) = 17, (30, 64)
+        x = dequantize(rng.integers(0, levels, (N, D)), levels=levels, rng=rng)
+        for lam in (1e-6, 1e-3, 0.05):
+            x_in = x.copy()
+            got = _as_array(_result(logit_space_nats, x_in, lam), "the logit-space nats")
+            if not np.array_equal(x_in, x):
+                raise _Failed("your function changed its input x in place; work on new arrays.")
+            xi = lam + (1 - 2 * lam) * x
+            log_xi = (np.log(xi) + np.log1p(-xi)).sum(axis=1)        # sum_d log xi_d (1 - xi_d), per image
+            log_x = (np.log(x) + np.log1p(-x)).sum(axis=1)
+            c = D * np.log1p(-2 * lam)                                # sum_d log(1 - 2 lam)
+            ref = float(np.mean(-logit_transform(x, lam)[1]))          # = mean(log_xi) - c
+            if got.shape == (N,):
+                raise _Failed(f"returned one value per image (shape {got.shape}); return their mean over the "
+                              "images, one number.")
+            if got.shape == (N, D):
+                raise _Failed(f"returned one value per pixel (shape {got.shape}); sum the log-Jacobian over the "
+                              "pixels of each image, then average over the images: one number.")
+            what = f"wrong value for lam = {lam:g}: expected {ref:.4f} nats (minus the mean log|det dy/dx|)."
+            _first_mismatch(got, np.asarray(ref), [
+                (np.asarray(-ref), "the sign is flipped: p_Y(y) = p_X(x) |det dy/dx|^{-1}, so log p_Y = 0 - "
+                 "log|det dy/dx| (you returned +log|det dy/dx|)."),
+                (np.asarray(ref + c), "the factor (1 - 2 lam) of d xi / dx is missing: "
+                 "dy/dx = (1 - 2 lam) / (xi (1 - xi)), so each pixel adds log(1 - 2 lam) to log|det dy/dx| "
+                 "(visible at lam = 0.05)."),
+                (np.asarray(ref + 2 * c), "(1 - 2 lam) multiplies the derivative, d xi / dx = 1 - 2 lam: add "
+                 "log(1 - 2 lam) to log|dy/dx|, do not subtract it."),
+                (np.asarray(float(np.mean(-(c + log_xi)))), "the derivative of the logit is 1 / (xi (1 - xi)), "
+                 "the inverse of the sigmoid's xi (1 - xi): log|dy/dx| = log(1 - 2 lam) - log xi - log(1 - xi), "
+                 "with minus signs."),
+                (np.asarray(float(np.mean(-(c - log_x)))), "the logit's derivative is taken at "
+                 "xi = lam + (1 - 2 lam) x, not at x."),
+                (np.asarray(float(np.mean(log_x))), "the margin is missing: y = logit(xi) with "
+                 "xi = lam + (1 - 2 lam) x, so the derivative is (1 - 2 lam) / (xi (1 - xi)), taken at xi."),
+                (np.asarray(ref / D), "that is a mean over the pixels too: sum log|dy_d/dx_d| over the D pixels "
+                 "of each image (one log-determinant per image), then average over the images."),
+                (np.asarray(ref * N), "that is a sum over the images: return the mean over the N images."),
+                (np.asarray(ref - D * np.log(levels)), "the D log K of the pixel scale does not belong here: the "
+                 "model is uniform on the unit cube (log p_X(x) = 0), and x is already in [0, 1)."),
+                (np.asarray(ref + D * np.log(levels)), "the D log K of the pixel scale does not belong here: the "
+                 "model is uniform on the unit cube (log p_X(x) = 0), and x is already in [0, 1)."),
+            ], what)
+        return (f"{_name(logit_space_nats)} returns minus the mean log-Jacobian of the logit, for lam = 1e-6, "
+                "1e-3 and 0.05.")
+
+    return _run("ex-images-lambda", logit_space_nats, body, strict)
 
 
 def check_conv1x1_relative_gradient(conv1x1_relative_gradient: Callable[[np.ndarray, np.ndarray], np.ndarray], *,
@@ -1344,3 +1453,112 @@ def check_make_sampler(make_sampler: Callable[[Any], Callable[[int, Any], np.nda
         return f"{_name(make_sampler)} samples like model.sample, with no factorisation per call."
 
     return _run("ex-sampling-cached", make_sampler, body, strict)
+
+
+def _toy_flow(n_layers: int, alpha: float, seed: int) -> Any:
+    """A two-dimensional NumPy DenseFlow with generic weights and biases and the given slope alpha."""
+    from ..numpy.flow import DenseFlow
+
+    rng = np.random.default_rng(seed)
+    model = DenseFlow(2, n_layers, alpha=alpha, rng=seed)
+    for w, b in zip(model.weights, model.biases):
+        w += 0.4 * rng.standard_normal(w.shape)   # in place: the model keeps its arrays
+        b += 0.5 * rng.standard_normal(b.shape)
+    return model
+
+
+def _weight_bound(model: Any, radius: float, *, norm: Any = 2, combine: Any = np.prod, centre: bool = True,
+                  lipschitz: bool = True, gauss: str = "far", act: float = 1.0, act_layers: int = -1,
+                  det_sign: float = 1.0, log2pi: float = 1.0, half: float = 0.5) -> float:
+    """The weight-only lower bound of ``ex-toy-densities-lower-bound``; the flags reproduce its typical mistakes."""
+    D, L = model.dim, model.n_layers
+    lip = combine([np.linalg.norm(w, norm) for w in model.weights]) if lipschitz else 1.0
+    g0 = float(np.linalg.norm(model.forward(np.zeros((1, D))))) if centre else 0.0
+    rho = {"far": g0 + radius * lip, "near": g0 - radius * lip, "peak": 0.0}[gauss]
+    return float(-half * rho ** 2 - log2pi * 0.5 * D * np.log(2 * np.pi)
+                 + act * D * (L + act_layers) * np.log(model.alpha) + det_sign * model.logdet_weights().sum())
+
+
+def check_density_lower_bound(density_lower_bound: Callable[[Any, float], float], *, strict: bool = False) -> bool:
+    """Check ``density_lower_bound(model, radius)``, a weight-only lower bound on ``log p(x)`` over a disc (``ex-toy-densities-lower-bound``).
+
+    ``model`` is a seeded two-dimensional :class:`relgrad.numpy.DenseFlow` with generic weights and biases (two
+    layers with ``alpha = 0.3``, three with ``alpha = 0.05``), ``radius`` 3 and 1.5.  The reference is the
+    chapter's bound on ``||x|| <= R``:
+    ``-rho^2 / 2 - log(2 pi) + D (L - 1) log alpha + sum_k log|det W_k|`` with
+    ``rho = ||g(0)|| + R prod_k ||W_k||_2`` (spectral norms), and it must hold at every point of a grid of the
+    disc.  Hints: the ``D (L - 1) log alpha`` or ``sum log|det W_k|`` term with the wrong sign, ``sigma' < 1``
+    used instead of ``sigma' > alpha`` (an upper bound on the activation term), ``L`` layers of activations
+    instead of ``L - 1``, the Gaussian factor at its peak or at the nearest point of the image of the disc
+    (a sup, not an inf), the radius used as if it were in the base space (``rho = R``), the Lipschitz factor or
+    ``||g(0)||`` forgotten, Frobenius norms or a sum of norms, the normaliser ``-(D / 2) log(2 pi)`` with
+    ``D = 1``, the density instead of its log.  A value that is not a lower bound on the grid is reported with
+    the point where it fails.
+
+    Args:
+        density_lower_bound: the student's function ``(model, radius) -> float`` (a log-density).
+        strict: raise ``AssertionError`` on failure (for autograding) instead of only printing.
+
+    Returns:
+        True when the function agrees with the reference on every model and radius.
+    """
+    def body() -> str:
+        cases = [(_toy_flow(2, 0.3, 20255), 3.0), (_toy_flow(3, 0.05, 20256), 1.5)]
+        for model, radius in cases:
+            got = _as_array(_result(density_lower_bound, model, radius), "the bound")
+            ref = _weight_bound(model, radius)
+            what = f"L = {model.n_layers}, alpha = {model.alpha}, R = {radius}"
+            if got.shape != ():
+                raise _Failed(f"returned shape {got.shape} ({what}); return one number, a bound valid on the whole "
+                              "disc.")
+            if _close(got, np.asarray(ref)):
+                continue
+            far = ("on the disc ||x|| <= R the Gaussian factor is smallest where ||g(x)|| is largest, at most "
+                   "rho = ||g(0)|| + R prod_k ||W_k||_2: evaluate it there.")
+            hint = _match_mistake(got, [(np.asarray(value), h) for value, h in [
+                (_weight_bound(model, radius, act=-1.0), "the activation term enters with a plus sign: each of "
+                 "the D (L - 1) terms log sigma'(y) is at least log alpha, so add D (L - 1) log alpha (it is "
+                 "negative)."),
+                (_weight_bound(model, radius, det_sign=-1.0), "log|det J_g| contains + sum_k log|det W_k| "
+                 "(the Jacobian J_g = W_L D_{L-1} ... D_1 W_1): add it, do not subtract it."),
+                (_weight_bound(model, radius, act=0.0), "sigma' < 1 bounds log sigma' from above (by 0); a lower "
+                 "bound needs sigma' > alpha: D (L - 1) log alpha."),
+                (_weight_bound(model, radius, act_layers=0), "the last layer has no activation: D (L - 1) terms "
+                 "log sigma', not D L."),
+                (_weight_bound(model, radius, gauss="peak"), "that uses the largest value of the Gaussian factor "
+                 "(at g(x) = 0), a sup over the disc; " + far),
+                (_weight_bound(model, radius, gauss="near"), "rho = ||g(0)|| - R prod ||W_k||_2 is the nearest "
+                 "the image of the disc can come to 0, where the Gaussian is largest (a sup); " + far),
+                (_weight_bound(model, radius, centre=False, lipschitz=False), "the radius R is in data space "
+                 "(||x|| <= R), not in the base space of s = g(x): map it through g, "
+                 "||g(x)|| <= ||g(0)|| + R prod_k ||W_k||_2."),
+                (_weight_bound(model, radius, lipschitz=False), "the Lipschitz factor is missing: "
+                 "||g(x) - g(0)|| <= ||x|| prod_k ||W_k||_2, so rho = ||g(0)|| + R prod_k ||W_k||_2."),
+                (_weight_bound(model, radius, centre=False), "||g(0)|| is missing: the biases move the centre, "
+                 "so ||g(x)|| <= ||g(0)|| + ||x|| prod_k ||W_k||_2."),
+                (_weight_bound(model, radius, norm="fro"), "that is still a bound, but with Frobenius norms; the "
+                 "Lipschitz constant of x -> W x is the spectral norm np.linalg.norm(W, 2), which is smaller."),
+                (_weight_bound(model, radius, combine=np.sum), "the Lipschitz constants of composed maps multiply: "
+                 "prod_k ||W_k||_2, not their sum."),
+                (_weight_bound(model, radius, log2pi=0.5), "the normaliser of a D-dimensional standard normal is "
+                 "-(D / 2) log(2 pi) = -log(2 pi) for D = 2."),
+                (_weight_bound(model, radius, half=1.0), "the Gaussian's exponent is -rho^2 / 2: the 1/2 is "
+                 "missing."),
+                (np.exp(ref), "that is the density; return its logarithm (a log-density)."),
+            ]])
+            if hint:
+                raise _Failed(f"{hint} ({what})")
+            side = np.linspace(-radius, radius, 81)
+            pts = np.stack(np.meshgrid(side, side), axis=-1).reshape(-1, 2)
+            pts = pts[np.linalg.norm(pts, axis=1) <= radius]
+            logp = model.log_likelihood(pts)
+            if float(got) > logp.min():
+                k = int(np.argmin(logp))
+                raise _Failed(f"{float(got):.3f} is not a lower bound ({what}): at x = {pts[k].round(3).tolist()}, "
+                              f"inside the disc, log p(x) = {logp[k]:.3f}. Expected {ref:.4f}.")
+            raise _Failed(f"{float(got):.3f} is below log p on the disc but is not the weight-only bound ({what}): "
+                          f"expected {ref:.4f} = -rho^2/2 - log(2 pi) + D (L - 1) log alpha + sum_k log|det W_k|.")
+        return (f"{_name(density_lower_bound)} returns the weight-only bound -rho^2/2 - log 2pi + D(L-1) log alpha "
+                "+ sum log|det W_k| (checked on two flows).")
+
+    return _run("ex-toy-densities-lower-bound", density_lower_bound, body, strict)
