@@ -567,8 +567,8 @@ def check_ica_step(ica_step: Callable[[np.ndarray, np.ndarray, float], np.ndarra
                    strict: bool = False) -> bool:
     """Check ``ica_step(W, X, mu)``, one relative-gradient ICA ascent step (``ex-rel-ica-adam``).
 
-    Reference: ``W + mu (I + E[phi(s) s^T]) W`` with ``phi = -tanh``, ``s = W x`` and rows of ``X`` the
-    samples (so ``S = X W^T`` and ``E[phi(s) s^T] = phi(S)^T S / N``), on seeded Laplace data.  Hints: the
+    Reference: ``W + mu (I + E[phi(y) y^T]) W`` with ``phi = -tanh``, ``y = W x`` and rows of ``X`` the
+    samples (so ``Y = X W^T`` and ``E[phi(y) y^T] = phi(Y)^T Y / N``), on seeded Laplace data.  Hints: the
     ordinary (infomax) step with ``W^{-T}``, the identity forgotten, the outer product transposed, a sum
     instead of a mean, ``phi = +tanh``, ``W`` multiplied from the wrong side, the direction returned
     without the step.
@@ -588,28 +588,28 @@ def check_ica_step(ica_step: Callable[[np.ndarray, np.ndarray, float], np.ndarra
         got = _as_array(_result(ica_step, W.copy(), X.copy(), mu), "the new W")
         S = X @ W.T
         phi = -np.tanh(S)
-        C = phi.T @ S / N                       # E[phi(s) s^T]
+        C = phi.T @ S / N                       # E[phi(y) y^T]
         ref = W + mu * (np.eye(D) + C) @ W
         if got.shape != (D, D):
             raise _Failed(f"returned shape {got.shape}, expected ({D}, {D}).")
         if not _close(got, ref):
             ordinary = np.linalg.inv(W).T + phi.T @ X / N
             hint = _match_mistake(got, [
-                (W + mu * ordinary, "that is the ordinary (infomax) step, W + mu (W^-T + E[phi(s) x^T]); the "
-                 "relative step multiplies it by W^T W: W + mu (I + E[phi(s) s^T]) W, with no inverse."),
-                (W + mu * C @ W, "the identity is missing: the direction is (I + E[phi(s) s^T]) W."),
-                (W + mu * (np.eye(D) + C.T) @ W, "the outer product is transposed: E[phi(s) s^T] has "
+                (W + mu * ordinary, "that is the ordinary (infomax) step, W + mu (W^-T + E[phi(y) x^T]); the "
+                 "relative step multiplies it by W^T W: W + mu (I + E[phi(y) y^T]) W, with no inverse."),
+                (W + mu * C @ W, "the identity is missing: the direction is (I + E[phi(y) y^T]) W."),
+                (W + mu * (np.eye(D) + C.T) @ W, "the outer product is transposed: E[phi(y) y^T] has "
                  "entries E[phi(s_i) s_j], i.e. phi(S).T @ S / N with S = X @ W.T."),
                 (W + mu * (np.eye(D) + N * C) @ W, "use the mean over samples, not the sum: divide "
                  "phi(S).T @ S by N."),
                 (W + mu * (np.eye(D) - C) @ W, "phi is -tanh (the score of a super-Gaussian source), not +tanh."),
                 (W + mu * W @ (np.eye(D) + C), "the factor W belongs on the right: the direction is "
-                 "(I + E[phi(s) s^T]) W, not W (I + E[phi(s) s^T])."),
+                 "(I + E[phi(y) y^T]) W, not W (I + E[phi(y) y^T])."),
                 ((np.eye(D) + C) @ W, "you returned the direction; the step is W + mu * direction."),
                 (W - mu * (np.eye(D) + C) @ W, "this is an ascent step on the log-likelihood: add mu * direction."),
             ])
-            raise _Failed(hint or "wrong value: expected W + mu (I + E[phi(s) s^T]) W with phi = -tanh, S = X W^T.")
-        return f"{_name(ica_step)} takes the relative-gradient ICA step W + mu (I + E[phi(s) s^T]) W."
+            raise _Failed(hint or "wrong value: expected W + mu (I + E[phi(y) y^T]) W with phi = -tanh, Y = X W^T.")
+        return f"{_name(ica_step)} takes the relative-gradient ICA step W + mu (I + E[phi(y) y^T]) W."
 
     return _run("ex-rel-ica-adam", ica_step, body, strict)
 
