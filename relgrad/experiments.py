@@ -101,8 +101,13 @@ def load_result(name: str) -> Dict[str, Any]:
     ``name`` is the file stem in :func:`results_dir`, e.g. ``"fashion_mnist_relative_paper"``.
     """
     base = results_dir() / name
-    summary = json.loads(base.with_suffix(".json").read_text())
-    return {"summary": summary, "history": read_history(base.with_suffix(".csv"))}
+    # append the extension (not Path.with_suffix): run names such as "..._t0.1_s0" contain a dot
+    json_path, csv_path = base.parent / f"{base.name}.json", base.parent / f"{base.name}.csv"
+    if not json_path.is_file():
+        raise FileNotFoundError(f"no committed run {name!r}: {json_path} does not exist "
+                                f"(the names are the file stems under {results_dir()})")
+    summary = json.loads(json_path.read_text())
+    return {"summary": summary, "history": read_history(csv_path)}
 
 
 def read_history(path: "str | os.PathLike[str]") -> Dict[str, np.ndarray]:

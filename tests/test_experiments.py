@@ -299,3 +299,15 @@ def test_diagnostics_do_not_change_the_run(tmp_path, monkeypatch):
         a, b = _rows(tmp_path / f"{opt}_plain.csv"), _rows(tmp_path / f"{opt}_d.csv")
         assert [{k: r[k] for k in a[0]} for r in b] == a, opt
         assert plain["test"] == probed["test"], opt
+
+
+def test_load_result_names_with_a_dot_and_subfolders():
+    """Run names such as ``..._t0.1_s0`` contain a dot: load_result appends the extension instead of replacing
+    the "suffix" after it (which would look for ``..._t0.json``)."""
+    name = "optimizers/digits_relative_relative-adam_lr0.01_t0.1_s0"
+    result = experiments.load_result(name)
+    with open(experiments.results_dir() / f"{name}.json") as handle:
+        assert result["summary"] == json.load(handle)
+    assert len(result["history"]["epoch"]) > 1
+    with pytest.raises(FileNotFoundError, match="no committed run 'optimizers/nope_t0.1'"):
+        experiments.load_result("optimizers/nope_t0.1")
