@@ -8,7 +8,8 @@ needs no gradient with respect to its input, hence the "−2".
 from __future__ import annotations
 
 __all__ = [
-    "flops_plain", "flops_relative", "flops_authors", "flops_ordinary", "flops_lu", "step_flops", "crossover_dim",
+    "flops_plain", "flops_relative", "flops_authors", "flops_ordinary", "flops_lu", "flops_jacobian", "step_flops",
+    "crossover_dim", "JACOBIAN_STACKS_PER_LAYER", "JACOBIAN_STACKS_EXTRA", "jacobian_stack_bytes",
 ]
 
 
@@ -47,13 +48,49 @@ def flops_ordinary(n_layers: int, batch: int, dim: int) -> float:
     return flops_plain(n_layers, batch, dim) + 8.0 / 3.0 * n_layers * dim**3
 
 
+def flops_jacobian(n_layers: int, batch: int, dim: int) -> float:
+    """Autodiff through the full per-sample Jacobian (``vmap(jacrev(g))`` + ``slogdet``, the benchmark's
+    ``"jacobian"``): (6L − 2)·M·D³ + (6L − 2)·M·D² in matrix products, plus (8/3)·M·D³ for ``slogdet``.
+
+    Building each sample's D×D Jacobian pushes D basis vectors back through the L layers (2LD³ per sample,
+    the first layer included: dg/dx is the point); the outer ``backward()`` differentiates those L products
+    with respect to the weights (2LD³) and to their D×D inputs (2(L − 1)D³, none for the constant basis).
+    That is plain backpropagation's count (6L − 2) with D rows per sample instead of one; the pass for
+    ``s = g(x)`` adds (6L − 2)·M·D².  ``slogdet`` adds an LU of every J_m (⅔D³) and a solve for J_m⁻ᵀ in its
+    backward (2D³), which ``FlopCounterMode`` does not count.
+    """
+    L, M, D = n_layers, batch, float(dim)
+    return (6 * L - 2) * M * D**2 * (D + 1) + 8.0 / 3.0 * M * D**3
+
+
+#: Transient memory of one "jacobian" gradient, in M×D×D stacks: ``4·L + 1``.  Measured, not derived
+#: (``python -m relgrad.bench.memory``, committed in ``relgrad/results/bench/cpu_jacobian_memory.csv``):
+#: the peak resident-set growth of one gradient is 5.00, 9.00 and 13.00 stacks at L = 1, 2, 3
+#: (D = 1024, M = 10, float32, ``jacrev``).
+JACOBIAN_STACKS_PER_LAYER = 4
+JACOBIAN_STACKS_EXTRA = 1
+
+
+def jacobian_stack_bytes(n_layers: int, batch: int, dim: int, itemsize: int = 4) -> float:
+    """Memory model of one "jacobian" gradient: (4L + 1) stacks of M×D×D numbers (bytes; ``itemsize`` 4 for
+    float32, 8 for float64), on top of the model, its gradients and the optimiser's state.
+
+    The constants are fitted to measurements (:data:`JACOBIAN_STACKS_PER_LAYER`); what the stacks are is
+    autograd's business: the per-layer cotangent stacks that the outer backward needs, the stacked J and
+    its LU, and the backward's J⁻ᵀ and gradients of the same size.
+    """
+    stacks = JACOBIAN_STACKS_PER_LAYER * n_layers + JACOBIAN_STACKS_EXTRA
+    return float(stacks * batch * dim * dim * itemsize)
+
+
 def step_flops(method: str, n_layers: int, batch: int, dim: int) -> float:
     """GEMM flops of one training step of a benchmark method (``"autodiff"`` is counted as ``"ordinary"``:
-    an LU in slogdet's forward and a solve for W⁻ᵀ in its backward; ``"gemm"`` runs the relative step's GEMMs).
+    an LU in slogdet's forward and a solve for W⁻ᵀ in its backward; ``"gemm"`` runs the relative step's GEMMs;
+    ``"jacobian"`` is :func:`flops_jacobian`, its slogdet included).
     """
     table = {
         "plain": flops_plain, "relative": flops_relative, "gemm": flops_relative, "authors": flops_authors,
-        "ordinary": flops_ordinary, "autodiff": flops_ordinary, "lu": flops_lu,
+        "ordinary": flops_ordinary, "autodiff": flops_ordinary, "lu": flops_lu, "jacobian": flops_jacobian,
     }
     if method not in table:
         raise ValueError(f"no FLOP model for method {method!r}; known: {', '.join(table)}")

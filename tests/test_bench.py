@@ -25,7 +25,8 @@ def test_help_lists_every_method(capsys: pytest.CaptureFixture) -> None:
         build_parser().parse_args(["--help"])
     assert exc.value.code == 0
     out = capsys.readouterr().out
-    for method in ("plain", "relative", "authors", "ordinary", "autodiff", "lu", "gemm", "--quick"):
+    for method in ("plain", "relative", "authors", "ordinary", "autodiff", "lu", "jacobian", "gemm", "--quick",
+                   "--max-jacobian-dim"):
         assert method in out
 
 
@@ -38,7 +39,7 @@ def test_small_run_writes_every_pair_and_prints_ratios(tmp_path, capsys: pytest.
     with open(out) as fh:
         assert fh.readline().strip().split(",") == list(FIELDS)
     pairs = {(r["backend"], r["method"]) for r in rows}
-    torch_methods = {"plain", "relative", "authors", "ordinary", "autodiff", "lu", "gemm"}
+    torch_methods = {"plain", "relative", "authors", "ordinary", "autodiff", "lu", "gemm"}  # "jacobian" is opt-in
     assert pairs == {("torch", m) for m in torch_methods} | {("numpy", m) for m in torch_methods - {"autodiff", "lu"}}
     assert len(rows) == 3 * len(pairs)
     for r in rows:

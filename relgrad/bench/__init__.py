@@ -25,10 +25,10 @@ from .harness import (
     slopes,
     write_csv,
 )
-from .steps import BACKENDS, METHODS, Step, make_step
+from .steps import BACKENDS, DEFAULT_METHODS, METHODS, Step, make_step
 
 __all__ = [
-    "BACKENDS", "METHODS", "FIELDS", "Group", "Step", "make_step", "machine_info", "measure_group",
+    "BACKENDS", "METHODS", "DEFAULT_METHODS", "FIELDS", "Group", "Step", "make_step", "machine_info", "measure_group",
     "run_benchmark", "write_csv", "read_csv", "ratio_rows", "format_ratio_table", "loglog_slope", "slopes",
     "results_path",
 ]

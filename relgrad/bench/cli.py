@@ -4,7 +4,7 @@ Examples::
 
     python -m relgrad.bench --quick                                  # smoke test, well under a minute
     python -m relgrad.bench --dims 784 --batches 10,100,1000         # the goal table at D = 784
-    python -m relgrad.bench --backends torch --methods plain,relative,ordinary,autodiff,gemm \\
+    python -m relgrad.bench --backends torch --methods plain,relative,ordinary,autodiff,jacobian,gemm \\
         --batches 10 --dims 128,256,512,1024,2048,4096,8192 --out sweep.csv   # the paper's figure
     python -m relgrad.bench --devices cuda --dims 1024,4096,16384      # on a GPU
 """
@@ -19,9 +19,10 @@ from typing import List, Optional, Sequence
 from ..errors import DeviceError
 from ..utils import select_device
 from .harness import format_ratio_table, run_benchmark, slopes, write_csv
-from .steps import BACKENDS, METHODS
+from .steps import BACKENDS, DEFAULT_METHODS, METHODS
 
-#: Settings of ``--quick`` (CI's smoke test): every method and backend, two small widths, two batches.
+#: Settings of ``--quick`` (CI's smoke test): the chosen methods (by default all but "jacobian") on every
+#: backend, two small widths, two batches.
 QUICK = {"dims": [64, 256], "batches": [10, 100], "repeats": 5, "warmup": 2, "budget": 5.0}
 
 
@@ -52,12 +53,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="Time one training step (gradient + Adam) of a dense flow for several gradient methods, "
         "side by side, and print ratio tables. Methods: plain (same MLP, no log-det), relative (ours), "
         "authors (published three-product order), ordinary (explicit inverse), autodiff (autograd through "
-        "slogdet), lu (LU-parameterised layers as in nflows), gemm (only the relative step's GEMMs: the "
-        "machine's GEMM rate at the same shapes).",
+        "slogdet of each weight), lu (LU-parameterised layers as in nflows), jacobian (autodiff through the "
+        "full per-sample Jacobian, vmap(jacrev) + slogdet: the paper's third curve, O(M D^3) time and "
+        "O(M D^2) memory, so only with --methods), gemm (only the relative step's GEMMs, at its shapes and "
+        "layouts, into preallocated outputs: the machine's GEMM rate for this step).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--backends", type=_choices(BACKENDS), default=list(BACKENDS), help="comma-separated")
-    p.add_argument("--methods", type=_choices(METHODS), default=list(METHODS), help="comma-separated")
+    p.add_argument("--methods", type=_choices(METHODS), default=list(DEFAULT_METHODS),
+                   help="comma-separated (jacobian is not in the default: name it)")
     p.add_argument("--devices", type=_choices(("cpu", "cuda")), default=["cpu"], help="cpu and/or cuda")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     p.add_argument("--dims", type=_ints, default=[784], help="widths D, comma-separated")
@@ -72,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds of timed rounds per group; fewer rounds (not below --min-repeats) when slower")
     p.add_argument("--max-cubic-dim", type=int, default=8192,
                    help="skip ordinary and autodiff (O(D^3) per step) above this width")
+    p.add_argument("--max-jacobian-dim", type=int, default=2048,
+                   help="skip jacobian (O(M D^3) time, (4L+1) M D^2 numbers of memory per step) above this width")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="bench.csv", help="CSV file to write ('-' for none)")
     p.add_argument("--quick", action="store_true",
@@ -114,7 +120,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     start = time.perf_counter()
     rows = run_benchmark(
         backends=args.backends, methods=args.methods, devices=args.devices, dtype=args.dtype, dims=args.dims,
-        batches=args.batches, layers=args.layers, max_cubic_dim=args.max_cubic_dim, warmup=args.warmup,
+        batches=args.batches, layers=args.layers, max_cubic_dim=args.max_cubic_dim,
+        max_jacobian_dim=args.max_jacobian_dim, warmup=args.warmup,
         repeats=args.repeats, min_repeats=args.min_repeats, budget_s=args.budget, seed=args.seed,
     )
     print()

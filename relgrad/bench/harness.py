@@ -25,7 +25,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..utils import cpu_name
-from .steps import CUBIC, Step, available, make_step
+from .steps import CUBIC, PER_SAMPLE_JACOBIAN, Step, available, make_step
 
 __all__ = [
     "Group", "FIELDS", "machine_info", "measure_group", "run_benchmark", "write_csv", "read_csv",
@@ -102,34 +102,71 @@ def _quartiles(values: Sequence[float]) -> Tuple[float, float, float]:
 
 #: D x D matrices each method keeps alive per layer during the interleaved rounds: the parameter, its
 #: gradient and Adam's two moments (the LU baseline has two triangular factors; gemm only reads W).
-_MATRICES_PER_LAYER = {"plain": 4, "relative": 4, "authors": 4, "ordinary": 5, "autodiff": 5, "lu": 8, "gemm": 1}
+_MATRICES_PER_LAYER = {"plain": 4, "relative": 4, "authors": 4, "ordinary": 5, "autodiff": 5, "lu": 8,
+                       "jacobian": 4, "gemm": 1}
+
+
+def _transient_bytes(group: Group, method: str) -> float:
+    # What one gradient allocates on top of that state, where it is not O(D^2): the per-sample Jacobian
+    # stacks of "jacobian", (4L + 1) M x D x D numbers (relgrad.costs.jacobian_stack_bytes).
+    from ..costs import jacobian_stack_bytes
+
+    if method in PER_SAMPLE_JACOBIAN:
+        return jacobian_stack_bytes(group.n_layers, group.batch, group.dim, 8 if group.dtype == "float64" else 4)
+    return 0.0
 
 
 def memory_estimate(group: Group, pairs: Sequence[Tuple[str, str]]) -> float:
-    """Bytes of D x D state that timing ``pairs`` side by side keeps alive (all models at once).
+    """Bytes that timing ``pairs`` side by side needs at once: every method's D x D state (all models are
+    alive through the rounds) plus the largest transient of one gradient (only one step runs at a time;
+    the per-sample Jacobian stacks of "jacobian" are the only transient that is not O(L D^2)).
 
     Shapes:
         none; returns a float (bytes).
     """
     itemsize = 8 if group.dtype == "float64" else 4
     per_layer = sum(_MATRICES_PER_LAYER.get(method, 5) for _, method in pairs)
-    return float(per_layer * group.n_layers * group.dim**2 * itemsize)
+    transient = max((_transient_bytes(group, method) for _, method in pairs), default=0.0)
+    return float(per_layer * group.n_layers * group.dim**2 * itemsize) + transient
+
+
+def _available_bytes(device: str) -> Optional[float]:
+    """Free memory of ``device``: CUDA's ``mem_get_info``, or the host's available pages (None if unknown)."""
+    if device.startswith("cuda"):
+        import torch
+
+        return float(torch.cuda.mem_get_info(torch.device(device))[0])
+    try:  # Linux: MemAvailable counts the page cache the kernel can drop, which free pages do not
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return 1024.0 * int(line.split()[1])
+    except OSError:
+        pass
+    try:
+        return float(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):  # not every platform has these names
+        return None
 
 
 def _check_memory(group: Group, pairs: Sequence[Tuple[str, str]]) -> None:
     # Every method's model and Adam state live through the rounds: refuse clearly instead of running out of
     # device memory halfway through a sweep (e.g. D = 16384 with all seven methods needs ~45 GB in float32).
-    if not group.device.startswith("cuda"):
+    # On the CPU only the per-sample Jacobian is checked: it is the one method whose memory grows with M
+    # (about 22 GB at D = 784, M = 1000), and the host's other methods have run at every committed size.
+    on_cuda = group.device.startswith("cuda")
+    if not on_cuda and not any(m in PER_SAMPLE_JACOBIAN for _, m in pairs):
         return
-    import torch
-
-    free, _ = torch.cuda.mem_get_info(torch.device(group.device))
+    free = _available_bytes(group.device)
+    if free is None:
+        return
     need = memory_estimate(group, pairs)
     if need > 0.8 * free:
         raise MemoryError(
-            f"timing {len(pairs)} methods side by side at D={group.dim}, L={group.n_layers} needs about "
-            f"{need / 2**30:.1f} GiB of {group.device} memory, {free / 2**30:.1f} GiB are free: pass fewer "
-            "--methods (or a smaller --dims)"
+            f"timing {len(pairs)} methods side by side at M={group.batch}, D={group.dim}, L={group.n_layers} "
+            f"needs about {need / 2**30:.1f} GiB of {group.device} memory, {free / 2**30:.1f} GiB are free: "
+            "pass fewer --methods (the per-sample 'jacobian' needs (4L+1) M D^2 numbers), a smaller "
+            "--max-jacobian-dim, --dims or --batches"
         )
 
 
@@ -193,13 +230,15 @@ def _rows(group: Group, samples: Dict[Tuple[str, str], List[Tuple[float, float]]
 
 def run_benchmark(*, backends: Sequence[str], methods: Sequence[str], devices: Sequence[str] = ("cpu",),
                   dtype: str = "float32", dims: Sequence[int], batches: Sequence[int],
-                  layers: Sequence[int] = (2,), max_cubic_dim: int = 8192, warmup: int = 3,
+                  layers: Sequence[int] = (2,), max_cubic_dim: int = 8192, max_jacobian_dim: int = 2048,
+                  warmup: int = 3,
                   repeats: int = 15, min_repeats: int = 3, budget_s: float = 20.0, seed: int = 0,
                   log: Optional[Callable[[str], None]] = print) -> List[Dict[str, object]]:
     """The whole sweep: every group of devices x layers x batches x dims, each timed by :func:`measure_group`.
 
-    Pairs a backend cannot run (the NumPy twin has no "autodiff" or "lu"; no NumPy on CUDA) are left out,
-    and the O(D^3) methods are skipped above ``max_cubic_dim``.  Returns the rows with the machine columns.
+    Pairs a backend cannot run (the NumPy twin has no "autodiff", "lu" or "jacobian"; no NumPy on CUDA) are
+    left out, the O(D^3) methods are skipped above ``max_cubic_dim`` and the per-sample Jacobian
+    (O(M D^3) time, O(M D^2) memory) above ``max_jacobian_dim``.  Returns the rows with the machine columns.
     """
     rows: List[Dict[str, object]] = []
     for device in devices:
@@ -213,7 +252,8 @@ def run_benchmark(*, backends: Sequence[str], methods: Sequence[str], devices: S
                         # wait on each other (measured: several-fold slowdowns of both on 2 cores).
                         pairs = [(backend, m) for m in methods
                                  if available(backend, m) and not (backend == "numpy" and device != "cpu")
-                                 and not (m in CUBIC and dim > max_cubic_dim)]
+                                 and not (m in CUBIC and dim > max_cubic_dim)
+                                 and not (m in PER_SAMPLE_JACOBIAN and dim > max_jacobian_dim)]
                         if not pairs:
                             continue
                         if log:
@@ -278,7 +318,7 @@ def ratio_rows(rows: Sequence[Dict[str, object]], column: str = "step_ms") -> Li
         summary: Dict[str, object] = {**where, "relative_ms": t_rel}
         plain = _find(rows, method="plain", **where)
         summary["relative/plain"] = t_rel / float(plain[column]) if plain else math.nan
-        for m in ("authors", "ordinary", "autodiff", "lu"):
+        for m in ("authors", "ordinary", "autodiff", "lu", "jacobian"):
             hit = _find(rows, method=m, **where)
             summary[f"{m}/relative"] = float(hit[column]) / t_rel if hit else math.nan
         frac = rel["gemm_fraction"]
@@ -292,7 +332,7 @@ def format_ratio_table(rows: Sequence[Dict[str, object]], column: str = "step_ms
     summ = ratio_rows(rows, column)
     head = (f"{'backend':<7} {'device':<6} {'dtype':<7} {'L':>2} {'M':>5} {'D':>5} {'relative ms':>11} "
             f"{'rel/plain':>9} {'authors/rel':>11} {'ordinary/rel':>12} {'autodiff/rel':>12} {'lu/rel':>6} "
-            f"{'rel % GEMM':>10}")
+            f"{'jacobian/rel':>12} {'rel % GEMM':>10}")
     lines = [head, "-" * len(head)]
 
     def num(v: object, fmt: str) -> str:
@@ -304,7 +344,7 @@ def format_ratio_table(rows: Sequence[Dict[str, object]], column: str = "step_ms
             f"{s['backend']:<7} {s['device']:<6} {s['dtype']:<7} {s['n_layers']:>2} {s['batch']:>5} {s['dim']:>5} "
             f"{s['relative_ms']:>11.3f} {num(s['relative/plain'], '.2f'):>9} {num(s['authors/relative'], '.2f'):>11} "
             f"{num(s['ordinary/relative'], '.1f'):>12} {num(s['autodiff/relative'], '.1f'):>12} "
-            f"{num(s['lu/relative'], '.2f'):>6} "
+            f"{num(s['lu/relative'], '.2f'):>6} {num(s['jacobian/relative'], '.0f'):>12} "
             f"{'—' if isinstance(frac, float) and math.isnan(frac) else format(100 * float(frac), '.0f') + '%':>10}"
         )
     return "\n".join(lines)

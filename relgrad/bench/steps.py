@@ -10,7 +10,10 @@ authors    the published code's evaluation order (three M x D x D products per l
 ordinary   the Euclidean gradient with an explicit inverse W^{-T} per layer, O(L M D^2 + L D^3)
 autodiff   autograd through ``torch.linalg.slogdet`` (torch only), O(L M D^2 + L D^3)
 lu         LU-parameterised layers as in nflows (torch only, :mod:`relgrad.bench.lu`), O(L M D^2)
-gemm       only the GEMMs of the relative step, at its shapes: the machine's GEMM rate for this step
+jacobian   autodiff through the full per-sample Jacobian, ``vmap(jacrev(g))`` + ``slogdet`` (torch only,
+           :mod:`relgrad.bench.jacobian`): the paper's "Autodiff" curve, O(L M D^3) time, O(L M D^2) memory
+gemm       only the GEMMs of the relative step, at its shapes and layouts, into preallocated outputs: the
+           machine's GEMM rate for this step
 =========  ===========================================================================================
 """
 
@@ -23,14 +26,20 @@ import numpy as np
 
 from ..costs import step_flops
 
-__all__ = ["METHODS", "BACKENDS", "TORCH_ONLY", "CUBIC", "Step", "make_step", "available"]
+__all__ = ["METHODS", "DEFAULT_METHODS", "BACKENDS", "TORCH_ONLY", "CUBIC", "PER_SAMPLE_JACOBIAN", "Step",
+           "make_step", "available"]
 
-METHODS = ("plain", "relative", "authors", "ordinary", "autodiff", "lu", "gemm")
+METHODS = ("plain", "relative", "authors", "ordinary", "autodiff", "lu", "jacobian", "gemm")
+#: What ``python -m relgrad.bench`` times without ``--methods``: all but "jacobian", whose O(M D^2) memory
+#: (about 22 GB at the default D = 784, M = 1000) and O(M D^3) time make it opt-in.
+DEFAULT_METHODS = tuple(m for m in METHODS if m != "jacobian")
 BACKENDS = ("torch", "numpy")
 #: Methods the NumPy twin does not have.
-TORCH_ONLY = ("autodiff", "lu")
+TORCH_ONLY = ("autodiff", "lu", "jacobian")
 #: Methods with an O(D^3) term per step (skipped above ``--max-cubic-dim``).
 CUBIC = ("ordinary", "autodiff")
+#: Methods with an O(M D^3) term and O(M D^2) memory per step (skipped above ``--max-jacobian-dim``).
+PER_SAMPLE_JACOBIAN = ("jacobian",)
 
 #: Adam's step size in the benchmark: small, so hundreds of timed steps leave the weights where they started.
 BENCH_LR = 1e-6
@@ -84,11 +93,16 @@ def _torch_step(method: str, n_layers: int, batch: int, dim: int, device: str, d
     if method == "gemm":
         ws = [w.detach() for w in model.weights]
         bs = [b.detach() for b in model.biases]
-        return Step(lambda: _torch_gemms(x, ws, bs), _nothing, sync, flops)
+        bufs = _torch_gemm_buffers(x, ws)
+        return Step(lambda: _torch_gemms(x, ws, bs, bufs), _nothing, sync, flops)
 
     opt = make_adam(model.parameters(), lr=BENCH_LR)
     if method == "plain":
         loss_fn = lambda: data_loss(model, x)  # noqa: E731
+    elif method == "jacobian":
+        from .jacobian import jacobian_nll
+
+        loss_fn = lambda: jacobian_nll(model, x, check=False)  # noqa: E731
     else:
         loss_fn = lambda: training_loss(model, x, method, check=False)  # noqa: E731
 
@@ -99,20 +113,38 @@ def _torch_step(method: str, n_layers: int, batch: int, dim: int, device: str, d
     return Step(grad, opt.step, sync, flops)
 
 
-def _torch_gemms(x, ws, bs) -> None:
-    """The GEMMs of one relative step, in its shapes and transposes: forward Z W^T + b, then per layer
-    (last to first) Delta W (not for layer 1), Y W and Delta^T (Y W)."""
+def _torch_gemm_buffers(x, ws) -> dict:
+    """Preallocated outputs for :func:`_torch_gemms`: (M, D) for the forward, ``Y W`` and ``Delta W``
+    products, one (D, D) per layer for ``Delta^T (Y W)`` (the relative step writes L distinct gradients)."""
     import torch
 
-    ys, z = [], x
-    for w, b in zip(ws, bs):
-        z = torch.addmm(b, z, w.T)
-        ys.append(z)
+    return {"ys": [torch.empty_like(x) for _ in ws], "yw": torch.empty_like(x),
+            "delta": [torch.empty_like(x) for _ in ws], "grads": [torch.empty_like(w) for w in ws]}
+
+
+def _torch_gemms(x, ws, bs, out: dict) -> None:
+    """The GEMMs of one relative step, in its shapes and layouts (the same calls as
+    :class:`relgrad.torch.functions.RelativeAffine`: ``addmm(b, Z, W^T)`` forward, then per layer, last
+    to first, ``Y W``, ``mm(Delta^T, Y W)`` with ``Delta^T`` a transposed view, and ``Delta W`` except for
+    layer 1), each written into a preallocated output (:func:`_torch_gemm_buffers`).
+
+    Preallocated, because a fresh D x D output can cost more than its product: at D = 4096 (64 MiB, above
+    glibc's 32 MiB ceiling for its heap, so a new mapping each time) its 16 384 page faults took 13 to
+    110 ms per call on the book's machine, against about 3 ms for the product at M = 10
+    (``relgrad/results/bench/cpu_gemm_trace.csv``).  A reference that allocates measures page faults and
+    is not a ceiling; this one measures the products alone.
+    """
+    import torch
+
+    ys, z = out["ys"], x
+    for k, (w, b) in enumerate(zip(ws, bs)):
+        z = torch.addmm(b, z, w.T, out=ys[k])
     delta = ys[-1]
     for k in reversed(range(len(ws))):
-        torch.mm(delta.T, ys[k] @ ws[k])
+        yw = torch.mm(ys[k], ws[k], out=out["yw"])
+        torch.mm(delta.T, yw, out=out["grads"][k])
         if k > 0:
-            delta = delta @ ws[k]
+            delta = torch.mm(delta, ws[k], out=out["delta"][k])
 
 
 # --------------------------------------------------------------------------------------------- numpy
@@ -126,7 +158,8 @@ def _numpy_step(method: str, n_layers: int, batch: int, dim: int, dtype: str, se
     model = DenseFlow(dim, n_layers, rng=rng, dtype=dtype)
     flops = step_flops(method, n_layers, batch, dim)
     if method == "gemm":
-        return Step(lambda: _numpy_gemms(x, model.weights, model.biases), _nothing, _nothing, flops)
+        bufs = _numpy_gemm_buffers(x, model.weights)
+        return Step(lambda: _numpy_gemms(x, model.weights, model.biases, bufs), _nothing, _nothing, flops)
 
     opt = Adam(model.parameters(), lr=BENCH_LR)
     grads: List[np.ndarray] = []
@@ -150,18 +183,25 @@ def _numpy_plain(model, x: np.ndarray) -> List[Tuple[np.ndarray, np.ndarray]]:
     return [(d.T @ z, d.sum(axis=0)) for d, z in zip(deltas(model, tr), tr.zs)]
 
 
-def _numpy_gemms(x: np.ndarray, ws: List[np.ndarray], bs: List[np.ndarray]) -> None:
-    """NumPy version of :func:`_torch_gemms`."""
-    ys, z = [], x
-    for w, b in zip(ws, bs):
-        z = z @ w.T
+def _numpy_gemm_buffers(x: np.ndarray, ws: List[np.ndarray]) -> dict:
+    """Preallocated outputs for :func:`_numpy_gemms` (as :func:`_torch_gemm_buffers`)."""
+    return {"ys": [np.empty_like(x) for _ in ws], "yw": np.empty_like(x),
+            "delta": [np.empty_like(x) for _ in ws], "grads": [np.empty_like(w) for w in ws]}
+
+
+def _numpy_gemms(x: np.ndarray, ws: List[np.ndarray], bs: List[np.ndarray], out: dict) -> None:
+    """NumPy version of :func:`_torch_gemms`: the NumPy relative step's products (``Z W^T``, ``Y W``,
+    ``Delta^T (Y W)``, ``Delta W``), each into a preallocated output."""
+    ys, z = out["ys"], x
+    for k, (w, b) in enumerate(zip(ws, bs)):
+        z = np.matmul(z, w.T, out=ys[k])
         z += b
-        ys.append(z)
     delta = ys[-1]
     for k in reversed(range(len(ws))):
-        _ = delta.T @ (ys[k] @ ws[k])
+        yw = np.matmul(ys[k], ws[k], out=out["yw"])
+        np.matmul(delta.T, yw, out=out["grads"][k])
         if k > 0:
-            delta = delta @ ws[k]
+            delta = np.matmul(delta, ws[k], out=out["delta"][k])
 
 
 # --------------------------------------------------------------------------------------------- factory
@@ -169,7 +209,8 @@ def make_step(backend: str, method: str, n_layers: int, batch: int, dim: int, *,
               dtype: str = "float32", seed: int = 0) -> Step:
     """Build the step of ``method`` on ``backend`` ("torch" or "numpy") for an L x D flow and batch M.
 
-    Raises ValueError for an unknown backend or method, or a torch-only method on NumPy, and
+    Raises ValueError for an unknown backend or method, or a torch-only method ("autodiff", "lu",
+    "jacobian") on NumPy, and
     relgrad.errors.DeviceError for a CUDA device that does not exist.
 
     Shapes:
