@@ -207,4 +207,4 @@ def test_the_checks_see_imports() -> None:
     assert {"relgrad.datasets.base", "relgrad.datasets.toys", "relgrad.errors", "relgrad.utils"} <= imports
     assert "relgrad.datasets.images" in {target for _, target, _, _ in _imports("relgrad.datasets")}
     checks = {target: names for _, target, names, _ in _imports("relgrad.teaching.checks")}
-    assert "relative_layer" in checks["relgrad.numpy.gradients"]
+    assert "deltas" in checks["relgrad.numpy.gradients"]

@@ -26,7 +26,8 @@ from .steps import BACKENDS, DEFAULT_METHODS, METHODS
 QUICK = {"dims": [64, 256], "batches": [10, 100], "repeats": 5, "warmup": 2, "budget": 5.0}
 
 
-def _ints(text: str) -> List[int]:
+def int_list(text: str) -> List[int]:
+    """Parse "128,256" into [128, 256] for argparse (also used by the memory and trace tools)."""
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
@@ -64,9 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated (jacobian is not in the default: name it)")
     p.add_argument("--devices", type=_choices(("cpu", "cuda")), default=["cpu"], help="cpu and/or cuda")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
-    p.add_argument("--dims", type=_ints, default=[784], help="widths D, comma-separated")
-    p.add_argument("--batches", type=_ints, default=[10, 100, 1000], help="batch sizes M, comma-separated")
-    p.add_argument("--layers", type=_ints, default=[2], help="numbers of layers L, comma-separated")
+    p.add_argument("--dims", type=int_list, default=[784], help="widths D, comma-separated")
+    p.add_argument("--batches", type=int_list, default=[10, 100, 1000], help="batch sizes M, comma-separated")
+    p.add_argument("--layers", type=int_list, default=[2], help="numbers of layers L, comma-separated")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch and for NumPy's BLAS (default: leave the libraries' defaults)")
     p.add_argument("--repeats", type=int, default=15, help="timed rounds per group (each round runs every method once)")

@@ -106,15 +106,15 @@ def measure_memory(methods: Sequence[str], layers: Sequence[int], batches: Seque
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from .cli import _ints
+    from .cli import int_list
     from .steps import METHODS
 
     p = argparse.ArgumentParser(prog="python -m relgrad.bench.memory", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--methods", default="jacobian", help="comma-separated torch benchmark methods")
-    p.add_argument("--layers", type=_ints, default=[2])
-    p.add_argument("--batches", type=_ints, default=[10])
-    p.add_argument("--dims", type=_ints, default=[256, 512, 1024])
+    p.add_argument("--layers", type=int_list, default=[2])
+    p.add_argument("--batches", type=int_list, default=[10])
+    p.add_argument("--dims", type=int_list, default=[256, 512, 1024])
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     p.add_argument("--threads", type=int, default=1, help="torch threads in each child")
     p.add_argument("--out", default="-", help="CSV file to write ('-' for none)")

@@ -26,7 +26,7 @@ import numpy as np
 
 from ..costs import step_flops
 
-__all__ = ["METHODS", "DEFAULT_METHODS", "BACKENDS", "TORCH_ONLY", "CUBIC", "PER_SAMPLE_JACOBIAN", "Step",
+__all__ = ["torch_gemm_buffers", "METHODS", "DEFAULT_METHODS", "BACKENDS", "TORCH_ONLY", "CUBIC", "PER_SAMPLE_JACOBIAN", "Step",
            "make_step", "available"]
 
 METHODS = ("plain", "relative", "authors", "ordinary", "autodiff", "lu", "jacobian", "gemm")
@@ -93,7 +93,7 @@ def _torch_step(method: str, n_layers: int, batch: int, dim: int, device: str, d
     if method == "gemm":
         ws = [w.detach() for w in model.weights]
         bs = [b.detach() for b in model.biases]
-        bufs = _torch_gemm_buffers(x, ws)
+        bufs = torch_gemm_buffers(x, ws)
         return Step(lambda: _torch_gemms(x, ws, bs, bufs), _nothing, sync, flops)
 
     opt = make_adam(model.parameters(), lr=BENCH_LR)
@@ -113,8 +113,8 @@ def _torch_step(method: str, n_layers: int, batch: int, dim: int, device: str, d
     return Step(grad, opt.step, sync, flops)
 
 
-def _torch_gemm_buffers(x, ws) -> dict:
-    """Preallocated outputs for :func:`_torch_gemms`: (M, D) for the forward, ``Y W`` and ``Delta W``
+def torch_gemm_buffers(x, ws) -> dict:
+    """Preallocated outputs (shared with ``python -m relgrad.bench.trace``) for :func:`_torch_gemms`: (M, D) for the forward, ``Y W`` and ``Delta W``
     products, one (D, D) per layer for ``Delta^T (Y W)`` (the relative step writes L distinct gradients)."""
     import torch
 
@@ -126,7 +126,7 @@ def _torch_gemms(x, ws, bs, out: dict) -> None:
     """The GEMMs of one relative step, in its shapes and layouts (the same calls as
     :class:`relgrad.torch.functions.RelativeAffine`: ``addmm(b, Z, W^T)`` forward, then per layer, last
     to first, ``Y W``, ``mm(Delta^T, Y W)`` with ``Delta^T`` a transposed view, and ``Delta W`` except for
-    layer 1), each written into a preallocated output (:func:`_torch_gemm_buffers`).
+    layer 1), each written into a preallocated output (:func:`torch_gemm_buffers`).
 
     Preallocated, because a fresh D x D output can cost more than its product: at D = 4096 (64 MiB, above
     glibc's 32 MiB ceiling for its heap, so a new mapping each time) its 16 384 page faults took 13 to
@@ -184,7 +184,7 @@ def _numpy_plain(model, x: np.ndarray) -> List[Tuple[np.ndarray, np.ndarray]]:
 
 
 def _numpy_gemm_buffers(x: np.ndarray, ws: List[np.ndarray]) -> dict:
-    """Preallocated outputs for :func:`_numpy_gemms` (as :func:`_torch_gemm_buffers`)."""
+    """Preallocated outputs for :func:`_numpy_gemms` (as :func:`torch_gemm_buffers`)."""
     return {"ys": [np.empty_like(x) for _ in ws], "yw": np.empty_like(x),
             "delta": [np.empty_like(x) for _ in ws], "grads": [np.empty_like(w) for w in ws]}
 

@@ -98,13 +98,13 @@ def trace_gemm(dim: int, batch: int, *, n_layers: int = 2, rounds: int = 3, meth
     import relgrad
 
     from ..utils import cpu_name
-    from .steps import _torch_gemm_buffers, make_step
+    from .steps import torch_gemm_buffers, make_step
 
     steps = {m: make_step("torch", m, n_layers, batch, dim) for m in methods}
     gemm = steps["gemm"]
     env = dict(zip(gemm.grad.__code__.co_freevars, (c.cell_contents for c in gemm.grad.__closure__)))
     x, ws, bs = env["x"], env["ws"], env["bs"]  # the reference's own batch and weights
-    bufs = _torch_gemm_buffers(x, ws)
+    bufs = torch_gemm_buffers(x, ws)
     for step in steps.values():
         step.grad()
         step.update()
@@ -150,12 +150,12 @@ def trace_gemm(dim: int, batch: int, *, n_layers: int = 2, rounds: int = 3, meth
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from .cli import _ints
+    from .cli import int_list
 
     p = argparse.ArgumentParser(prog="python -m relgrad.bench.trace", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--dims", type=_ints, default=[4096])
-    p.add_argument("--batches", type=_ints, default=[10, 100])
+    p.add_argument("--dims", type=int_list, default=[4096])
+    p.add_argument("--batches", type=int_list, default=[10, 100])
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     p.add_argument("--out", default="-", help="CSV file to write ('-' for none)")
