@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
         "side by side, and print ratio tables. Methods: plain (same MLP, no log-det), relative (ours), "
         "authors (published three-product order), ordinary (explicit inverse), autodiff (autograd through "
         "slogdet of each weight), lu (LU-parameterised layers as in nflows), jacobian (autodiff through the "
-        "full per-sample Jacobian, vmap(jacrev) + slogdet: the paper's third curve, O(M D^3) time and "
+        "full per-sample Jacobian, vmap(jacrev) + slogdet: most likely the paper's third curve, O(M D^3) time and "
         "O(M D^2) memory, so only with --methods), gemm (only the relative step's GEMMs, at its shapes and "
         "layouts, into preallocated outputs: the machine's GEMM rate for this step).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,

@@ -11,7 +11,7 @@ ordinary   the Euclidean gradient with an explicit inverse W^{-T} per layer, O(L
 autodiff   autograd through ``torch.linalg.slogdet`` (torch only), O(L M D^2 + L D^3)
 lu         LU-parameterised layers as in nflows (torch only, :mod:`relgrad.bench.lu`), O(L M D^2)
 jacobian   autodiff through the full per-sample Jacobian, ``vmap(jacrev(g))`` + ``slogdet`` (torch only,
-           :mod:`relgrad.bench.jacobian`): the paper's "Autodiff" curve, O(L M D^3) time, O(L M D^2) memory
+           :mod:`relgrad.bench.jacobian`): most likely the paper's "Autodiff" curve, O(L M D^3) time, O(L M D^2) memory
 gemm       only the GEMMs of the relative step, at its shapes and layouts, into preallocated outputs: the
            machine's GEMM rate for this step
 =========  ===========================================================================================
@@ -129,7 +129,7 @@ def _torch_gemms(x, ws, bs, out: dict) -> None:
     layer 1), each written into a preallocated output (:func:`torch_gemm_buffers`).
 
     Preallocated, because a fresh D x D output can cost more than its product: at D = 4096 (64 MiB, above
-    glibc's 32 MiB ceiling for its heap, so a new mapping each time) its 16 384 page faults took 13 to
+    glibc's mmap threshold, which grows up to 32 MiB, so a new mapping each time) its 16 384 page faults took 13 to
     110 ms per call on the book's machine, against about 3 ms for the product at M = 10
     (``relgrad/results/bench/cpu_gemm_trace.csv``).  A reference that allocates measures page faults and
     is not a ceiling; this one measures the products alone.
