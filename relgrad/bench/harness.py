@@ -265,15 +265,17 @@ def run_benchmark(*, backends: Sequence[str], methods: Sequence[str], devices: S
 
 
 # --------------------------------------------------------------------------------------------- files
-def write_csv(rows: Iterable[Dict[str, object]], path: "str | os.PathLike[str]") -> Path:
-    """Write benchmark rows with the columns of :data:`FIELDS` (floats with 6 significant digits)."""
+def write_csv(rows: Iterable[Dict[str, object]], path: "str | os.PathLike[str]",
+              fields: Sequence[str] = FIELDS) -> Path:
+    """Write rows with the columns ``fields`` (default :data:`FIELDS`; the memory and trace tools pass their own),
+    floats with 6 significant digits."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=FIELDS)
+        writer = csv.DictWriter(fh, fieldnames=list(fields))
         writer.writeheader()
         for row in rows:
-            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items() if k in FIELDS})
+            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items() if k in fields})
     return path
 
 

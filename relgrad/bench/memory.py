@@ -14,13 +14,11 @@ Linux only (``/proc``); elsewhere :func:`peak_gradient_bytes` raises OSError.
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime as _dt
 import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 __all__ = ["MEMORY_FIELDS", "peak_gradient_bytes", "measure_memory", "main"]
@@ -126,14 +124,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 f"{', '.join(m for m in METHODS if m != 'gemm')}")
     rows = measure_memory(methods, args.layers, args.batches, args.dims, dtype=args.dtype, threads=args.threads)
     if args.out != "-":
-        path = Path(args.out)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=MEMORY_FIELDS)
-            writer.writeheader()
-            for row in rows:
-                writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-        print(f"wrote {path} ({len(rows)} rows)")
+        from .harness import write_csv
+
+        print(f"wrote {write_csv(rows, args.out, MEMORY_FIELDS)} ({len(rows)} rows)")
     return 0
 
 

@@ -17,13 +17,11 @@ first write.
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime as _dt
 import os
 import resource
 import statistics
 import time
-from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 __all__ = ["TRACE_FIELDS", "trace_gemm", "main"]
@@ -166,14 +164,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         torch.set_num_threads(args.threads)
     rows = [r for d in args.dims for m in args.batches for r in trace_gemm(d, m, rounds=args.rounds)]
     if args.out != "-":
-        path = Path(args.out)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=TRACE_FIELDS)
-            writer.writeheader()
-            for row in rows:
-                writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-        print(f"wrote {path} ({len(rows)} rows)")
+        from .harness import write_csv
+
+        print(f"wrote {write_csv(rows, args.out, TRACE_FIELDS)} ({len(rows)} rows)")
     return 0
 
 
