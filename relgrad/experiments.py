@@ -2,7 +2,7 @@
 
 Run ``python -m relgrad.experiments --help``.  One run loads an image dataset (dequantised, logit
 transform with ``lam``), trains a :class:`relgrad.torch.DenseFlow` with Adam and the chosen gradient
-(``relative``, ``authors``, ``autodiff`` or ``ordinary``), keeps the parameters of the epoch with the best
+(``relative``, ``authors``, ``mixed``, ``autodiff`` or ``ordinary``), keeps the parameters of the epoch with the best
 exact validation log-likelihood, and evaluates the test set.  It writes
 
 * ``OUT`` (a CSV): one row per epoch (row 0 is the initial model), with the training surrogate loss, the
@@ -165,15 +165,16 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--layers", type=int, default=2, help="number of dense layers L (default 2)")
     m.add_argument("--alpha", type=float, default=0.01,
                    help="smooth leaky ReLU slope (default 0.01, the authors' JAX code)")
-    m.add_argument("--method", default="relative", choices=["relative", "authors", "autodiff", "ordinary"],
-                   help="gradient (default relative: the strict augmented-matrix rule)")
+    m.add_argument("--method", default="relative", choices=["relative", "authors", "mixed", "autodiff", "ordinary"],
+                   help="gradient (default relative: the strict augmented-matrix rule; mixed: relative on W, ordinary on b)")
     m.add_argument("--batch-size", type=int, default=10, help="minibatch size M (default 10, the paper's)")
     m.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (default 1e-4, the paper's)")
     m.add_argument("--optimizer", default="adam", choices=list(OPTIMIZERS),
                    help="adam (torch.optim.Adam on the chosen gradient, default), relative-adam "
                         "(relgrad.torch.optim.RelativeAdam: factored second moments in the Lie algebra) or "
                         "relative-sgd (RelativeSGD: relative gradient with EMA momentum); the relative-* "
-                        "optimisers compute their own update from the layers' batches, whatever --method says")
+                        "optimisers compute the strict relative update from the layers' batches, so they need "
+                        "--method relative")
     m.add_argument("--momentum", type=float, default=0.9, help="beta1 / momentum of the optimiser (default 0.9)")
     m.add_argument("--beta2", type=float, default=0.999, help="second-moment decay of adam/relative-adam (default 0.999)")
     m.add_argument("--max-lie-norm", type=float, default=None,
@@ -319,29 +320,35 @@ def _optimizer_description(args: argparse.Namespace) -> str:
     return f"RelativeSGD (relgrad.torch.optim, momentum {args.momentum})"
 
 
-def _optimizer_setup(args: argparse.Namespace, model: Any, steps_per_epoch: int, epochs: int, world: int) -> tuple:
-    """(optimizer factory for fit, lr schedule or None, list that receives each optimiser made)."""
+def _optimizer_setup(args: argparse.Namespace, model: Any, steps_per_epoch: int, epochs: int) -> tuple:
+    """(optimizer factory for fit, lr schedule or None, list that receives each optimiser made); ``model`` is
+    what fit trains (the DDP wrapper under --distributed)."""
     import torch
 
     from .torch.optim import RelativeAdam, RelativeSGD, jax_adam_schedule, warmup_cosine_schedule
 
     made: List[Any] = []
     betas = (float(args.momentum), float(args.beta2))
-    if args.optimizer != "adam" and world > 1:
-        raise SystemExit(f"--optimizer {args.optimizer} does not support --distributed yet (use adam)")
+    if args.optimizer != "adam" and args.method != "relative":
+        raise SystemExit(f"--optimizer {args.optimizer} computes the strict relative update from the layers' batches and "
+                         f"would ignore --method {args.method}: use --method relative (or --optimizer adam)")
     if args.schedule == "jax-adam" and args.optimizer != "adam":
         raise SystemExit("--schedule jax-adam reproduces Adam's step sizes in the authors' JAX loop: use --optimizer adam")
 
     def factory(params: Any, flow: Any = model) -> Any:
+        # the run's model (a DDP wrapper under --distributed: the relative-* optimisers average over its
+        # processes), or a one-process copy (the diagnostics' twin), which trains alone
+        alone = None if flow is model else False
         if args.optimizer == "adam":
             try:
                 opt = torch.optim.Adam(params, lr=args.lr, betas=betas, fused=True)
             except (RuntimeError, ValueError, TypeError):
                 opt = torch.optim.Adam(params, lr=args.lr, betas=betas)
         elif args.optimizer == "relative-adam":
-            opt = RelativeAdam(flow, lr=args.lr, betas=betas, max_lie_norm=args.max_lie_norm)
+            opt = RelativeAdam(flow, lr=args.lr, betas=betas, max_lie_norm=args.max_lie_norm, distributed=alone)
         else:
-            opt = RelativeSGD(flow, lr=args.lr, momentum=args.momentum, max_lie_norm=args.max_lie_norm)
+            opt = RelativeSGD(flow, lr=args.lr, momentum=args.momentum, max_lie_norm=args.max_lie_norm,
+                              distributed=alone)
         made.append(opt)
         return opt
 
@@ -503,7 +510,7 @@ def run(args: argparse.Namespace, *, command: str = "") -> Dict[str, Any]:
     shuffle_seed = int(np.random.default_rng(seeds[1]).integers(2**62))
     cap = None if args.max_minutes is None else 60.0 * float(args.max_minutes)
     steps_per_epoch = math.ceil(x_train.shape[0] / int(args.batch_size))
-    make_optimizer, lr_schedule, made = _optimizer_setup(args, model, steps_per_epoch, epochs, world)
+    make_optimizer, lr_schedule, made = _optimizer_setup(args, trained, steps_per_epoch, epochs)
     probe = _Diagnostics(model, x_train, args, make_optimizer, made) if args.diagnostics else None
     patience = None if args.patience in (None, 0) else int(args.patience)
     resumed = bool(args.resume and ckpt is not None and ckpt.exists())

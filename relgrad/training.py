@@ -32,7 +32,7 @@ __all__ = [
 ]
 
 #: Gradient methods every twin understands.  ``"autodiff"`` (autograd through slogdet) is torch-only.
-METHODS = ("relative", "authors", "ordinary", "autodiff")
+METHODS = ("relative", "authors", "mixed", "ordinary", "autodiff")
 
 #: A training loss beyond this (in absolute value) is divergence.
 LOSS_LIMIT = 1e8

@@ -1,9 +1,10 @@
-"""One rank of the DistributedDataParallel check (run by tests/test_torch_distributed.py through torchrun).
+"""One rank of the DistributedDataParallel check (run by tests/test_torch_library.py through torchrun).
 
 Every rank builds the same float64 flow, wraps it in DDP (gloo, CPU), and takes 5 optimiser steps on its
 own shard of each global batch with ``relgrad.torch.training_loss(ddp_model, shard, method)``.  Rank 0 also
 trains an unwrapped copy on the concatenated global batches in one process.  The ranks' final parameters
-are gathered; rank 0 writes, per (method, optimiser): the largest difference between the ranks and the
+are gathered; rank 0 writes, per (method, optimiser; SGD, Adam, and RelativeAdam / RelativeSGD, which average
+their recorded statistics over the processes): the largest difference between the ranks and the
 largest difference from the single-process run, to the JSON file named by argv[1].
 
 Then ``relgrad.torch.fit`` itself: every rank calls ``fit(DDP(model), x_train, x_val, batch_size=B)`` with the
@@ -23,6 +24,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import relgrad.torch as rt
+from relgrad.torch.optim import RelativeAdam, RelativeSGD
 
 DIM, LAYERS, GLOBAL_BATCH, STEPS = 5, 3, 8, 5
 
@@ -37,8 +39,15 @@ def make_model() -> rt.DenseFlow:
     return model
 
 
-def make_opt(name: str, params) -> torch.optim.Optimizer:
-    return torch.optim.SGD(params, lr=0.05) if name == "sgd" else torch.optim.Adam(params, lr=0.01)
+def make_opt(name: str, model) -> torch.optim.Optimizer:
+    """``model``: the flow or its DDP wrapper (the relative-coordinate optimisers take the model itself; rank 0's
+    one-process reference runs inside the process group, so it says that it trains alone)."""
+    alone = None if isinstance(model, DDP) else False
+    if name == "relative-adam":
+        return RelativeAdam(model, lr=0.01, distributed=alone)
+    if name == "relative-sgd":  # with the trust region, so that ||P||_F is computed from the averaged Etil
+        return RelativeSGD(model, lr=0.05, max_lie_norm=0.05, distributed=alone)
+    return torch.optim.SGD(model.parameters(), lr=0.05) if name == "sgd" else torch.optim.Adam(model.parameters(), lr=0.01)
 
 
 def train(model, opt, batches, method: str) -> None:
@@ -55,34 +64,39 @@ def main(out: str) -> None:
     batches = [1.3 * torch.randn(GLOBAL_BATCH, DIM, generator=g, dtype=torch.float64) for _ in range(STEPS)]
     shard = GLOBAL_BATCH // world  # equal shards: the mean over ranks of per-rank means is the global mean
     results = {}
-    for method in ("relative", "authors", "autodiff"):
-        for opt_name in ("sgd", "adam"):
-            model = make_model()
-            ddp = DDP(model)
-            train(ddp, make_opt(opt_name, ddp.parameters()), [b[rank * shard:(rank + 1) * shard] for b in batches], method)
-            flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-            gathered = [torch.empty_like(flat) for _ in range(world)]
-            dist.all_gather(gathered, flat)
-            if rank == 0:
-                single = make_model()
-                train(single, make_opt(opt_name, single.parameters()), batches, method)
-                ref = torch.cat([p.detach().reshape(-1) for p in single.parameters()])
-                start = torch.cat([p.detach().reshape(-1) for p in make_model().parameters()])
-                results[f"{method}/{opt_name}"] = {
-                    "between_ranks": max(float((t - gathered[0]).abs().max()) for t in gathered),
-                    "vs_single_process": max(float((t - ref).abs().max()) for t in gathered),
-                    "moved": float((ref - start).abs().max()),
-                }
+    runs = [(m, o) for m in ("relative", "authors", "mixed", "autodiff") for o in ("sgd", "adam")]
+    runs += [("relative", "relative-adam"), ("relative", "relative-sgd")]  # statistics averaged over the processes
+    for method, opt_name in runs:
+        model = make_model()
+        ddp = DDP(model)
+        train(ddp, make_opt(opt_name, ddp), [b[rank * shard:(rank + 1) * shard] for b in batches], method)
+        flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+        gathered = [torch.empty_like(flat) for _ in range(world)]
+        dist.all_gather(gathered, flat)
+        if rank == 0:
+            single = make_model()
+            train(single, make_opt(opt_name, single), batches, method)
+            ref = torch.cat([p.detach().reshape(-1) for p in single.parameters()])
+            start = torch.cat([p.detach().reshape(-1) for p in make_model().parameters()])
+            results[f"{method}/{opt_name}"] = {
+                "between_ranks": max(float((t - gathered[0]).abs().max()) for t in gathered),
+                "vs_single_process": max(float((t - ref).abs().max()) for t in gathered),
+                "moved": float((ref - start).abs().max()),
+            }
     # fit under DDP against fit in one process on the same global batches
     g = torch.Generator().manual_seed(3)
     x_train = 1.3 * torch.randn(37, DIM, generator=g, dtype=torch.float64)
     x_val = 1.3 * torch.randn(11, DIM, generator=g, dtype=torch.float64)
     ckpt_dir = out + ".ckpt"
-    for method in ("relative", "authors", "autodiff"):
+    # (key, method, optimiser name or None for fit's Adam): RelativeAdam with unequal shares in the last batch too
+    fits = [(m, m, None) for m in ("relative", "authors", "mixed", "autodiff")] + [("relative-adam", "relative", "relative-adam")]
+    for key, method, opt_name in fits:
         model = make_model()
-        ckpt = f"{ckpt_dir}-{method}-rank{rank}.pt"   # one path per rank, to see which ranks write
-        hist = rt.fit(DDP(model), x_train, x_val, method=method, epochs=3, batch_size=4, lr=0.01, patience=None,
-                      generator=5, progress=False, check_every=3, checkpoint_path=ckpt)
+        ddp = DDP(model)
+        ckpt = f"{ckpt_dir}-{key}-rank{rank}.pt"   # one path per rank, to see which ranks write
+        hist = rt.fit(ddp, x_train, x_val, method=method, epochs=3, batch_size=4, lr=0.01, patience=None,
+                      generator=5, progress=False, check_every=3, checkpoint_path=ckpt,
+                      optimizer=None if opt_name is None else (lambda params, m=ddp, o=opt_name: make_opt(o, m)))
         flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
         gathered = [torch.empty_like(flat) for _ in range(world)]
         dist.all_gather(gathered, flat)
@@ -91,9 +105,10 @@ def main(out: str) -> None:
 
             single = make_model()
             ref_hist = rt.fit(single, x_train, x_val, method=method, epochs=3, batch_size=4 * world, lr=0.01,
-                              patience=None, generator=5, progress=False)
+                              patience=None, generator=5, progress=False,
+                              optimizer=None if opt_name is None else (lambda params, m=single, o=opt_name: make_opt(o, m)))
             ref = torch.cat([p.detach().reshape(-1) for p in single.parameters()])
-            results[f"fit/{method}"] = {
+            results[f"fit/{key}"] = {
                 "between_ranks": max(float((t - gathered[0]).abs().max()) for t in gathered),
                 "vs_single_process": max(float((t - ref).abs().max()) for t in gathered),
                 "moved": float((ref - torch.cat([p.detach().reshape(-1) for p in make_model().parameters()])).abs().max()),
@@ -106,9 +121,9 @@ def main(out: str) -> None:
         dist.barrier()
         if rank == 0:  # only rank 0 writes its checkpoint; it holds the parameters fit restored (the best)
             saved = rt.load_checkpoint(None, ckpt, device="cpu")
-            results[f"fit/{method}"]["checkpoint"] = {
+            results[f"fit/{key}"]["checkpoint"] = {
                 "rank0_written": os.path.exists(ckpt),
-                "rank1_written": os.path.exists(f"{ckpt_dir}-{method}-rank1.pt"),
+                "rank1_written": os.path.exists(f"{ckpt_dir}-{key}-rank1.pt"),
                 "vs_model": max(float((a - b).abs().max()) for a, b in zip(saved.parameters(), model.parameters())),
             }
     # a time cut mid-epoch (decided by the group at a check), then a resume from rank 0's checkpoint, equals an
@@ -159,6 +174,14 @@ def main(out: str) -> None:
             refused[case] = None
         except ValueError as err:
             refused[case] = str(err)
+    try:   # RelativeAdam on an unwrapped model while 2 processes run: refused at the first step
+        lone = make_model()
+        opt = RelativeAdam(lone, lr=0.01)
+        rt.training_loss(lone, batches[0][rank * shard:(rank + 1) * shard]).backward()
+        opt.step()
+        refused["relative_adam_unwrapped"] = None
+    except RuntimeError as err:
+        refused["relative_adam_unwrapped"] = str(err)
     results["fit/refused"] = refused
     if rank == 0:
         with open(out, "w") as handle:

@@ -151,6 +151,21 @@ def test_whiten_and_another_preprocess_are_refused(tmp_path):
                           "--whiten", "--preprocess", "centre"])
 
 
+def test_relative_optimisers_refuse_a_method_they_would_ignore(tmp_path):
+    with pytest.raises(SystemExit, match="would ignore --method mixed: use --method relative"):
+        experiments.main(["--quick", "--dataset", "digits", "--out", str(tmp_path / "x.csv"), "--quiet",
+                          "--method", "mixed", "--optimizer", "relative-adam"])
+
+
+def test_quick_digits_mixed_rule(tmp_path, monkeypatch):
+    """--method mixed trains (relative on W, ordinary on b) and records its method."""
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    out = tmp_path / "mixed.csv"
+    s = experiments.main(["--quick", "--dataset", "digits", "--out", str(out), "--quiet", "--device", "cpu",
+                          "--threads", "1", "--method", "mixed"])
+    assert s["hyperparameters"]["method"] == "mixed" and math.isfinite(s["test"]["logit_nats"])
+
+
 def test_quick_idx_folder(tmp_path, monkeypatch):
     """The IDX path, offline: a tiny Fashion-MNIST-like folder of random 28 x 28 images."""
     monkeypatch.setenv("TQDM_DISABLE", "1")
@@ -223,16 +238,19 @@ def test_divergence_at_the_initial_evaluation_is_recorded(tmp_path, monkeypatch)
         assert next(csv.reader(handle)) == list(experiments.HISTORY_FIELDS)
 
 
-def test_distributed_under_torchrun_equals_one_process(tmp_path, monkeypatch):
+@pytest.mark.parametrize("optimizer", [[], ["--optimizer", "relative-adam", "--max-lie-norm", "0.1"]],
+                         ids=["adam", "relative-adam"])
+def test_distributed_under_torchrun_equals_one_process(tmp_path, monkeypatch, optimizer):
     """`torchrun --nproc_per_node 2 -m relgrad.experiments --distributed` (gloo, CPU, float64), one epoch on the
     digits with a global batch of 20, writes the CSV and JSON of the single-process run with --batch-size 20.
-    The 1197 training digits leave a last global batch of 17 rows, shared 8/9 between the two processes."""
+    The 1197 training digits leave a last global batch of 17 rows, shared 8/9 between the two processes.
+    With Adam, and with RelativeAdam (its statistics averaged over the two processes)."""
     import json
     import socket
 
     monkeypatch.setenv("TQDM_DISABLE", "1")
     common = ["--dataset", "digits", "--epochs", "1", "--batch-size", "20", "--lr", "1e-3", "--dtype", "float64",
-              "--device", "cpu", "--threads", "1", "--quiet"]
+              "--device", "cpu", "--threads", "1", "--quiet", *optimizer]
     single = experiments.main([*common, "--out", str(tmp_path / "single.csv")])
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

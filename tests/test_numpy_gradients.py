@@ -79,7 +79,7 @@ def test_surrogate_loss_omits_only_the_logdet_term() -> None:
     model = random_flow(4, 2, seed=3)
     x = np.random.default_rng(4).standard_normal((6, 4))
     terms = model.log_likelihood_terms(x)
-    for method in ("relative", "authors", "ordinary"):
+    for method in ("relative", "authors", "mixed", "ordinary"):
         loss, _ = loss_and_gradients(model, x, method)
         assert isinstance(loss, float)
         np.testing.assert_allclose(loss, -np.mean(terms.base + terms.activation), rtol=1e-14)
@@ -148,6 +148,36 @@ def test_relative_gradient_is_a_descent_direction(
     assert sum(per_layer) >= 0.0
 
 
+@pytest.mark.parametrize("dim,n_layers,m", [(1, 1, 3), (2, 2, 10), (5, 3, 4), (16, 2, 40)])
+def test_mixed_rule_is_the_weights_relative_gradient_and_the_ordinary_bias_gradient(dim: int, n_layers: int, m: int) -> None:
+    """"mixed": dW = Gamma_W W^T W (Gamma_W the full ordinary weight gradient, checked against finite differences
+    above), db = g_b; it is the strict rule minus the coupling outer(g_b, W^T b) on the weight."""
+    model = random_flow(dim, n_layers, seed=5 * dim + n_layers)
+    x = np.random.default_rng(m + 1).standard_normal((m, dim)) * 2.0
+    ordinary, mixed, relative = (gradients(model, x, r) for r in ("ordinary", "mixed", "relative"))
+    for k in range(n_layers):
+        w, b = model.weights[k], model.biases[k]
+        expected_w = ordinary[k][0] @ (w.T @ w)
+        assert np.abs(mixed[k][0] - expected_w).max() <= 1e-10 * np.abs(expected_w).max()
+        np.testing.assert_allclose(mixed[k][1], ordinary[k][1], rtol=1e-12, atol=1e-13)
+        np.testing.assert_allclose(relative[k][0] - mixed[k][0], np.outer(ordinary[k][1], w.T @ b),
+                                   rtol=1e-9, atol=1e-11)
+
+
+@settings(max_examples=30, deadline=None)
+@given(dim=st.integers(1, 6), n_layers=st.integers(1, 4), m=st.integers(1, 12), seed=st.integers(0, 2**32 - 1),
+       bias_scale=st.sampled_from([0.0, 0.5, 3.0]))
+def test_mixed_rule_is_a_descent_direction(dim: int, n_layers: int, m: int, seed: int, bias_scale: float) -> None:
+    """<Gamma_W, Gamma_W W^T W> + <g_b, g_b> = ||W Gamma_W^T||^2 + ||g_b||^2 per layer, with any biases."""
+    model = random_flow(dim, n_layers, seed=seed, bias_scale=bias_scale)
+    x = np.random.default_rng(seed + 1).standard_normal((m, dim))
+    ordinary = gradients(model, x, "ordinary")
+    for k, value in enumerate(inner_products(model, x, "mixed")):
+        closed = float(np.linalg.norm(model.weights[k] @ ordinary[k][0].T) ** 2 + ordinary[k][1] @ ordinary[k][1])
+        np.testing.assert_allclose(value, closed, rtol=1e-8, atol=1e-12)
+        assert value >= 0.0
+
+
 @settings(max_examples=30, deadline=None)
 @given(dim=st.integers(1, 6), n_layers=st.integers(1, 4), m=st.integers(1, 12), seed=st.integers(0, 2**32 - 1))
 def test_authors_rule_is_a_descent_direction_when_biases_vanish(dim: int, n_layers: int, m: int, seed: int) -> None:
@@ -173,7 +203,7 @@ def test_authors_rule_is_not_a_descent_direction_near_the_optimum() -> None:
 
 
 def test_relative_and_authors_steps_never_invert_or_decompose(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The O(M D^2) promise: a relative/authors step calls no inverse, solve, determinant or factorisation."""
+    """The O(M D^2) promise: a relative/authors/mixed step calls no inverse, solve, determinant or factorisation."""
 
     def forbidden(*args: object, **kwargs: object) -> None:
         raise AssertionError("an O(D^3) linear-algebra routine was called in a relative-gradient step")
@@ -182,7 +212,7 @@ def test_relative_and_authors_steps_never_invert_or_decompose(monkeypatch: pytes
     x = np.random.default_rng(9).standard_normal((4, 6))
     for name in ("inv", "solve", "slogdet", "det", "svd", "qr", "cholesky", "eig", "pinv", "lstsq"):
         monkeypatch.setattr(np.linalg, name, forbidden)
-    for method in ("relative", "authors"):
+    for method in ("relative", "authors", "mixed"):
         assert len(gradients(model, x, method)) == 3
     with pytest.raises(AssertionError, match="O\\(D\\^3\\)"):
         gradients(model, x, "ordinary")  # the ordinary gradient does need W^{-1}: the patch is live
@@ -191,7 +221,7 @@ def test_relative_and_authors_steps_never_invert_or_decompose(monkeypatch: pytes
 def test_gradient_shapes_and_dtypes() -> None:
     model = random_flow(3, 2, seed=10)
     x = np.random.default_rng(11).standard_normal((5, 3))
-    for method in ("relative", "authors", "ordinary"):
+    for method in ("relative", "authors", "mixed", "ordinary"):
         grads = gradients(model, x, method)
         assert len(grads) == 2
         for dw, db in grads:

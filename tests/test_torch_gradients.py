@@ -110,7 +110,8 @@ def test_relative_gradient_is_a_descent_direction(seed: int) -> None:
 
 def reference_grads(model: DenseFlow, x: torch.Tensor, method: str):
     """Each method's gradient from an independent route: autograd of the exact mean NLL (slogdet), then the
-    definition of the rule on top of it (``[G | g] Ahat^T Ahat``; the authors' rule lacks the ``-b``)."""
+    definition of the rule on top of it (``[G | g] Ahat^T Ahat``; the authors' rule lacks the ``-b``; the mixed
+    rule is ``(G W^T W, g)``)."""
     nll = -model.log_likelihood(x).mean()
     exact = torch.autograd.grad(nll, [p for pair in zip(model.weights, model.biases) for p in pair])
     out = []
@@ -120,6 +121,8 @@ def reference_grads(model: DenseFlow, x: torch.Tensor, method: str):
             dw, db = augmented_relative(w.detach(), b.detach(), dw, db)
             if method == "authors":
                 db = db + b.detach()
+        elif method == "mixed":
+            dw = dw @ (w.detach().T @ w.detach())
         out.append((dw, db))
     return out
 
@@ -186,7 +189,7 @@ def test_float32_relative_gradient_close_to_float64() -> None:
 
 def test_unknown_method_lists_valid_ones() -> None:
     model = random_flow(2, 2)
-    with pytest.raises(ValueError, match="relative.*authors.*ordinary.*autodiff"):
+    with pytest.raises(ValueError, match="relative.*authors.*mixed.*ordinary.*autodiff"):
         training_loss(model, data(3, 2), "natural")
     with pytest.raises(ValueError):
         gradients(model, data(3, 2), "Relative")
@@ -194,7 +197,7 @@ def test_unknown_method_lists_valid_ones() -> None:
 
 # --------------------------------------------------------------------------------------------- op and FLOP counts
 # Any factorisation, inverse, solve or determinant: the O(D^3) work a relative step must never do.
-@pytest.mark.parametrize("method", ["relative", "authors"])
+@pytest.mark.parametrize("method", ["relative", "authors", "mixed"])
 def test_relative_step_never_factorises(method: str) -> None:
     model = random_flow(16, 3)
     x = data(4, 16)
@@ -239,6 +242,8 @@ def test_relative_step_flops_are_tight(n_layers: int) -> None:
     # the published evaluation order recomputes Z W^T in the backward: one more M x D x D product per layer
     authors = counted_flops(lambda: training_loss(model, x, "authors").backward())
     assert abs(authors / ((10 * n_layers - 2) * m * dim**2) - 1) < 0.1
+    # the mixed rule takes the coupling out with an O(D^2) outer product: the relative step's products exactly
+    assert counted_flops(lambda: training_loss(model, x, "mixed").backward()) == rel
 
 
 def test_relative_linear_splits_into_data_and_logdet_parts() -> None:
@@ -250,7 +255,7 @@ def test_relative_linear_splits_into_data_and_logdet_parts() -> None:
     z = torch.randn(5, 4, generator=g, dtype=F64)
     w = torch.randn(4, 4, generator=g, dtype=F64).requires_grad_()
     b = torch.randn(4, generator=g, dtype=F64).requires_grad_()
-    y, r = RelativeAffine.apply(z, w, b, True)
+    y, r = RelativeAffine.apply(z, w, b, "relative")
     assert r.shape == (5,) and torch.equal(r, torch.zeros(5, dtype=F64))
     delta = torch.randn(5, 4, generator=g, dtype=F64)
     data_w, data_b = torch.autograd.grad((y * delta).sum(), (w, b), retain_graph=True)

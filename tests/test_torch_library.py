@@ -344,9 +344,10 @@ def _free_port() -> int:
 
 
 def test_ddp_two_gloo_ranks_equal_one_process(tmp_path) -> None:
-    """Two gloo processes on the loopback interface, float64: after 5 SGD / Adam steps of relative, authors
-    and autodiff through DDP, both ranks hold the same parameters, equal to one process on the concatenated
-    batches to 1e-12 (and the parameters did move)."""
+    """Two gloo processes on the loopback interface, float64: after 5 SGD / Adam steps of relative, authors,
+    mixed and autodiff through DDP, and of RelativeAdam / RelativeSGD (statistics averaged over the processes),
+    both ranks hold the same parameters, equal to one process on the concatenated batches to 1e-12 (and the
+    parameters did move); fit with each, unequal shares included, equals fit in one process."""
     out = tmp_path / "ddp.json"
     env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "tests"))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
@@ -354,8 +355,9 @@ def test_ddp_two_gloo_ranks_equal_one_process(tmp_path) -> None:
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads(out.read_text())["results"]
-    methods = ("relative", "authors", "autodiff")
+    methods = ("relative", "authors", "mixed", "autodiff")
     assert set(results) == ({f"{m}/{o}" for m in methods for o in ("sgd", "adam")} | {f"fit/{m}" for m in methods}
+                            | {"relative/relative-adam", "relative/relative-sgd", "fit/relative-adam"}
                             | {"fit/refused", "fit/cut-resume"})
     refused = results.pop("fit/refused")
     assert "needs generator= an explicit seed" in refused["no_generator"]
@@ -363,6 +365,7 @@ def test_ddp_two_gloo_ranks_equal_one_process(tmp_path) -> None:
     assert "x_train differs between the processes" in refused["reordered_data"]
     assert "different shuffling states" in refused["seed_plus_rank"]
     assert "the arguments differ between the processes" in refused["different_settings"]
+    assert "Pass the DistributedDataParallel wrapper" in refused["relative_adam_unwrapped"]
     cut = results.pop("fit/cut-resume")      # time cut agreed by both ranks, resume == uninterrupted
     assert cut["cut"] == ["time_cap", [3.0, 3.0]]
     assert cut["one_process"].startswith("CheckpointError") and "on 2 process(es)" in cut["one_process"]

@@ -90,7 +90,7 @@ def test_deltas_and_gradients_agree(dim: int, n_layers: int) -> None:
     x = data(9, dim, seed=3)
     for a, b in zip(rt.deltas(tm, tm.trace(torch.tensor(x))), rn.deltas(nm, nm.trace(x))):
         assert rel_err(a, b) < TOL
-    for method in ("relative", "authors", "ordinary"):
+    for method in ("relative", "authors", "mixed", "ordinary"):
         lt, gt = rt.loss_and_gradients(tm, torch.tensor(x), method)
         ln, gn = rn.loss_and_gradients(nm, x, method)
         assert abs(lt - ln) <= TOL * abs(ln)

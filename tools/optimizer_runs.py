@@ -36,8 +36,12 @@ def _cell(dataset: str, method: str, optimizer: str, lr: float, seed: int, epoch
           tag: str = "") -> Dict[str, object]:
     short = {"digits": "digits", "fashion-mnist-14": "fm14", "fashion-mnist": "fm"}[dataset]
     name = f"{short}_{method}_{optimizer}_lr{lr:g}{('_' + tag) if tag else ''}_s{seed}"
+    base = list(BASE)
+    if "--batch-size" in extra:  # the cell's own batch size replaces the common one (one flag in the command)
+        i = base.index("--batch-size")
+        del base[i:i + 2]
     args = ["--dataset", dataset, "--method", method, "--optimizer", optimizer, "--lr", f"{lr:g}",
-            "--seed", str(seed), "--epochs", str(epochs), "--patience", "0", *BASE, *extra]
+            "--seed", str(seed), "--epochs", str(epochs), "--patience", "0", *base, *extra]
     return {"name": name, "args": args}
 
 
@@ -54,6 +58,24 @@ def _comparison(dataset: str, lr: float, trust_lr: float, epochs: int, seeds: tu
     )]
 
 
+def _ablations(dataset: str, epochs: int, seeds: tuple) -> List[Dict[str, object]]:
+    """One factor at a time, autodiff and relative with Adam at lr 1e-3 unless the factor is the schedule: the
+    data's mean vs its scale (centre / scale / standardise / whiten, against no preprocessing in the base
+    grid), a cosine decay to 1e-5, the Self Normalizing Flows setting (lr 1e-4, 10-epoch linear warm-up) and
+    Adam with the authors' JAX step count."""
+    return [
+        _cell(dataset, m, "adam", lr, s, epochs, extra=extra, tag=tag)
+        for s in seeds
+        for m in ("autodiff", "relative")
+        for (lr, extra, tag) in (
+            *((1e-3, ["--preprocess", k], k) for k in ("centre", "scale", "standardise", "whiten")),
+            (1e-3, ["--schedule", "cosine", "--final-lr", "1e-5"], "cosine"),
+            (1e-4, ["--warmup-epochs", "10"], "snf"),
+            (1e-4, ["--schedule", "jax-adam"], "jax"),
+        )
+    ]
+
+
 def grids() -> Dict[str, List[Dict[str, object]]]:
     g: Dict[str, List[Dict[str, object]]] = {}
     seeds = (0, 1, 2)
@@ -68,22 +90,20 @@ def grids() -> Dict[str, List[Dict[str, object]]]:
     ]
     # digits, second round: larger steps, with the Lie-norm trust region for the relative-* optimisers
     g["digits2"] = _comparison("digits", 3e-3, 1e-2, 300, seeds)
-    # digits, one factor at a time (Adam, lr 1e-3 unless the factor is the schedule): the data's mean vs its
-    # scale (centre / scale / standardise / whiten against none in the "digits" grid), a cosine decay to 1e-5,
-    # the Self Normalizing Flows setting (lr 1e-4, 10-epoch linear warm-up) and the authors' JAX step count
-    g["digits-ablations"] = [
-        _cell("digits", m, "adam", lr, s, 300, extra=extra, tag=tag)
-        for s in seeds
-        for m in ("autodiff", "relative")
-        for (lr, extra, tag) in (
-            *((1e-3, ["--preprocess", k], k) for k in ("centre", "scale", "standardise", "whiten")),
-            (1e-3, ["--schedule", "cosine", "--final-lr", "1e-5"], "cosine"),
-            (1e-4, ["--warmup-epochs", "10"], "snf"),
-            (1e-4, ["--schedule", "jax-adam"], "jax"),
-        )
+    # digits, one factor at a time (see _ablations)
+    g["digits-ablations"] = _ablations("digits", 300, seeds)
+    # the mixed rule (relative on W, ordinary on b: the bias-coupling hypothesis) with Adam, as in "digits"
+    g["digits-mixed"] = [_cell("digits", "mixed", "adam", lr, s, 300) for s in seeds for lr in (1e-3, 1e-4)]
+    # learning rate x batch size: batches 20 and 500 at the three lr of the base grids (batch 100 is there)
+    g["digits-lr-batch"] = [
+        _cell("digits", m, "adam", lr, s, 300, extra=["--batch-size", str(bs)], tag=f"b{bs}")
+        for s in seeds for m in ("autodiff", "relative") for lr in (1e-4, 1e-3, 3e-3) for bs in (20, 500)
     ]
     # Fashion-MNIST at 14 x 14 (D = 196): 500 steps per epoch, 40 epochs
     g["fm14"] = _comparison("fashion-mnist-14", 1e-3, 3e-3, 40, seeds)
+    # the same one-factor-at-a-time ablations at D = 196 (compared at equal epochs)
+    g["fm14-ablations"] = _ablations("fashion-mnist-14", 40, seeds)
+    g["fm14-mixed"] = [_cell("fashion-mnist-14", "mixed", "adam", 1e-3, s, 40) for s in seeds]
     # Fashion-MNIST at full size (D = 784): 2 seeds x the three settings that matter at D = 196, 30 epochs
     g["fm"] = [_cell("fashion-mnist", m, o, 1e-3, s, 30)
                for s in (0, 1)

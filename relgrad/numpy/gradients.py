@@ -12,6 +12,7 @@ and Delta_k = dLoss_data / dY_k (it includes the 1/M of the mean).  With G_W = D
     relative:  dW = G_W W^T W + g_b b^T W - W             db = G_W W^T b + g_b (1 + b.b) - b
     authors:   as relative but without the "- b" on the bias (the rule of the published code), evaluated in the
                published order: Z W^T recomputed, three M x D x D products and an outer product.
+    mixed:     dW = (G_W - W^{-T}) W^T W = G_W W^T W - W    db = g_b     (relative on W alone, ordinary on b)
 
 The relative rule is the ordinary gradient of the augmented matrix A = [[W, b], [0, 1]] multiplied on the right
 by A^T A (top D rows).  It is evaluated in O(M D^2) without ever forming W^T W, (Delta^T Y0) W or an inverse:
@@ -40,7 +41,7 @@ from .flow import DenseFlow, Trace
 __all__ = ["check_method", "deltas", "gradients", "loss_and_gradients", "relative_layer"]
 
 #: Gradient methods the NumPy twin implements.
-NUMPY_METHODS = ("relative", "authors", "ordinary")
+NUMPY_METHODS = ("relative", "authors", "mixed", "ordinary")
 
 Grads = List[Tuple[np.ndarray, np.ndarray]]
 
@@ -133,6 +134,24 @@ def _authors_layer(
     return dw, delta.T @ (z @ wtb) + g_b * (1.0 + b @ b)
 
 
+def _mixed_layer(
+    w: np.ndarray, b: np.ndarray, y: np.ndarray, delta: np.ndarray
+) -> Tuple[np.ndarray, np.ndarray]:
+    """Relative on the weight, ordinary on the bias: dW = Delta^T (Y W) - outer(g_b, W^T b) - W, db = g_b.
+
+    ``Delta^T (Y W) = G_W W^T W + g_b b^T W``; the outer product takes the bias coupling out again, so dW is
+    the weight's own relative gradient ``(G_W - W^{-T}) W^T W`` in O(M D^2) without W^T W or an inverse.
+
+    Shapes:
+        w ``(D, D)``, b ``(D,)``, y and delta ``(M, D)``; returns ``(D, D)``, ``(D,)``.
+    """
+    g_b = delta.sum(axis=0)
+    dw = delta.T @ (y @ w)
+    dw -= np.outer(g_b, w.T @ b)
+    dw -= w
+    return dw, g_b
+
+
 def _layer_gradients(model: DenseFlow, trace: Trace, method: str) -> Grads:
     """Per-layer (dW, db) of the loss from a trace, for a validated method."""
     grads = []
@@ -142,6 +161,8 @@ def _layer_gradients(model: DenseFlow, trace: Trace, method: str) -> Grads:
             grads.append(_ordinary_layer(w, trace.zs[k], delta, f"layer {k + 1} of {model.n_layers}"))
         elif method == "authors":
             grads.append(_authors_layer(w, b, trace.zs[k], delta))
+        elif method == "mixed":
+            grads.append(_mixed_layer(w, b, trace.ys[k], delta))
         else:
             grads.append(relative_layer(w, b, trace.ys[k], delta, strict=True))
     return grads
@@ -179,8 +200,8 @@ def gradients(model: DenseFlow, x: ArrayLike, method: str = "relative") -> Grads
     """Gradient of the mean negative log-likelihood of the batch x (minimisation convention).
 
     method: ``"relative"`` (strict augmented relative gradient, O(M D^2)), ``"authors"`` (the published code's
-    rule: no ``-b`` on the bias), ``"ordinary"`` (Euclidean gradient with an explicit inverse, O(D^3)).
-    ``"autodiff"`` is torch-only.
+    rule: no ``-b`` on the bias), ``"mixed"`` (relative on the weight, ordinary on the bias), ``"ordinary"``
+    (Euclidean gradient with an explicit inverse, O(D^3)).  ``"autodiff"`` is torch-only.
 
     Shapes:
         x: ``(M, D)``; returns L pairs ``(dW (D, D), db (D,))``, layer 1 first.

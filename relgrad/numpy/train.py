@@ -299,7 +299,7 @@ def fit(
     """Train ``model`` in place with Adam and early stopping on the exact validation log-likelihood.
 
     Each epoch shuffles the training set (``rng``), takes one Adam step per minibatch with the chosen gradient
-    (``"relative"``, ``"authors"`` or ``"ordinary"``) and then evaluates the mean validation log-likelihood.
+    (``"relative"``, ``"authors"``, ``"mixed"`` or ``"ordinary"``) and then evaluates the mean validation log-likelihood.
     The parameters of the best epoch are kept and restored at the end.  Training stops after ``patience``
     epochs without improvement (``None``: never).  A non-finite or exploding loss or gradient (checked before
     the step is applied), or a non-finite validation log-likelihood, raises

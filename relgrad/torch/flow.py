@@ -86,7 +86,7 @@ class DenseFlow(nn.Module):
             (``generator=`` is accepted as an alias: the torch spelling; the NumPy twin says ``rng``).
         device: "cpu", "cuda", "cuda:N", "auto" or None (= "auto"); "cuda" without a GPU raises DeviceError.
         dtype: float32 (default) or float64; half precision goes through ``torch.autocast``, not here.
-        rule: the gradient rule of every layer in training ("relative", "authors", "ordinary", "autodiff").
+        rule: the gradient rule of every layer in training ("relative", "authors", "mixed", "ordinary", "autodiff").
         base: a ``torch.distributions.Distribution`` over s, either of event shape (D,) or with D (or 1)
             independent scalar components; None (default) is the standard normal N(0, I).  It must live on
             the model's device; a base with learnable parameters is not moved by ``.to()``.
@@ -250,7 +250,7 @@ class DenseFlow(nn.Module):
         """``(s, logabsdet)``: the flow ``s = g(x)`` and ``log|det dg/dx|`` per sample.
 
         ``logabsdet`` carries each layer's rule in training mode (zero-valued stand-ins for
-        relative/authors/ordinary) and is exact in evaluation mode; ``rule=`` overrides the layers' rule.
+        relative/authors/mixed/ordinary) and is exact in evaluation mode; ``rule=`` overrides the layers' rule.
         The batch's shape is checked, its values are not (no device synchronisation): use
         :meth:`log_prob` or ``training_loss(..., check=True)`` for checked input.
 

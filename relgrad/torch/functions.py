@@ -3,7 +3,7 @@
 Each Function is written in the ``forward`` + ``setup_context`` style with ``generate_vmap_rule = True``,
 so that ``torch.func`` (``grad``, ``vmap``, ``functional_call``) and ``torch.compile(fullgraph=True)`` can
 trace it.  Each one returns a *zero-valued stand-in* for a log-determinant next to its real output: the
-value costs nothing, and its backward carries the gradient rule (relative, authors' or ordinary).
+value costs nothing, and its backward carries the gradient rule (relative, authors', mixed or ordinary).
 
 Sign convention (as ``log_prob``): the stand-in ``r`` has the value of ``+log|det W|`` per row (zero here,
 the exact value is never computed in a step), and ``c = dLoss/dr``.  A loss ``-mean(log p)`` gives
@@ -23,7 +23,13 @@ from typing import Any, Optional, Tuple
 
 import torch
 
-__all__ = ["RelativeAffine", "AuthorsAffine", "OrdinaryLogDet", "SigmaAndLogDet", "sigma_and_log_det"]
+__all__ = ["RelativeAffine", "RELATIVE_AFFINE_RULES", "AuthorsAffine", "OrdinaryLogDet", "SigmaAndLogDet",
+           "sigma_and_log_det"]
+
+#: The rules :class:`RelativeAffine` computes: the strict relative gradient, its values without the ``-b``
+#: (the authors' rule; :class:`AuthorsAffine` is that rule in the published evaluation order) and the mixed
+#: rule (relative on the weight, ordinary on the bias).
+RELATIVE_AFFINE_RULES = ("relative", "authors", "mixed")
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -45,10 +51,10 @@ def _param_precision(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 class RelativeAffine(torch.autograd.Function):
     """``(Y, r) = (Z W^T + b, 0)`` with the *relative* gradient in its backward.
 
-    With ``Delta = dLoss/dY`` (rows), ``c = dLoss/dr`` and ``g_b = Delta^T 1``:
+    With ``Delta = dLoss/dY`` (rows), ``c = dLoss/dr`` and ``g_b = Delta^T 1``, for ``rule="relative"``:
 
         grad_W = Delta^T (Y W) + (sum c) W
-        grad_b = Delta^T (Y b) + g_b + (sum c) b      (``strict=False``, the authors' rule, drops ``(sum c) b``)
+        grad_b = Delta^T (Y b) + g_b + (sum c) b      (``rule="authors"``: the authors' values, without ``(sum c) b``)
 
     This is ``[G_W | g_b] Ahat^T Ahat`` (the top rows; ``Ahat`` the augmented matrix ``[[W, b], [0, 1]]``)
     for the data term, plus the relative gradient ``(sum c) [W, b]`` of ``(sum c) log|det Ahat|``.  Because
@@ -58,6 +64,13 @@ class RelativeAffine(torch.autograd.Function):
     ``grad_Z = Delta W`` is the ordinary backpropagated gradient, skipped when Z needs none (layer 1).
     Without a bias (``bias=None``) the same formulas hold with ``b = 0``.
 
+    ``rule="mixed"`` moves the weight alone by its relative gradient and the bias by its ordinary gradient:
+
+        grad_W = Delta^T (Y W) - outer(g_b, W^T b) + (sum c) W   ( = Gamma_W W^T W, Gamma_W the ordinary gradient)
+        grad_b = g_b
+
+    (``Delta^T (Y W)`` holds ``g_b b^T W``, which the outer product takes out again: O(D^2), no extra GEMM.)
+
     Shapes:
         z: (..., D), weight: (D, D), bias: (D,) or None; returns Y (..., D) and r (...) (zeros).
     """
@@ -65,15 +78,17 @@ class RelativeAffine(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(z: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], strict: bool):  # type: ignore[override]
+    def forward(z: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], rule: str):  # type: ignore[override]
         y = torch.nn.functional.linear(z, weight, bias)
         return y, weight.new_zeros(z.shape[:-1])
 
     @staticmethod
     def setup_context(ctx: Any, inputs: Tuple[Any, ...], output: Tuple[torch.Tensor, torch.Tensor]) -> None:
-        z, weight, bias, strict = inputs
+        z, weight, bias, rule = inputs
+        if rule not in RELATIVE_AFFINE_RULES:
+            raise ValueError(f"RelativeAffine: rule must be one of {RELATIVE_AFFINE_RULES}, got {rule!r}")
         ctx.save_for_backward(output[0], weight, bias)
-        ctx.strict = bool(strict)
+        ctx.rule = rule
         ctx.z_dtype = z.dtype
 
     @staticmethod
@@ -92,10 +107,15 @@ class RelativeAffine(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_w = torch.mm(d.T, y2 @ weight)  # never (Delta^T Y) W or W^T W: those are O(D^3)
             grad_w.addcmul_(weight, csum)  # in place: (sum c) W costs one pass over a D x D matrix
+            if ctx.rule == "mixed" and bias is not None:  # take out the coupling g_b b^T W (O(D^2))
+                grad_w.sub_(torch.outer(d.sum(dim=0), weight.T @ bias))
         if bias is not None and ctx.needs_input_grad[2]:
-            grad_b = torch.mv(d.T, y2 @ bias) + d.sum(dim=0)
-            if ctx.strict:
-                grad_b.addcmul_(bias, csum)
+            if ctx.rule == "mixed":
+                grad_b = d.sum(dim=0)
+            else:
+                grad_b = torch.mv(d.T, y2 @ bias) + d.sum(dim=0)
+                if ctx.rule == "relative":
+                    grad_b.addcmul_(bias, csum)
         return grad_z, grad_w, grad_b, None
 
 
@@ -107,7 +127,7 @@ class AuthorsAffine(torch.autograd.Function):
         grad_W = Delta^T ((Z W^T) W) + outer(g_b, W^T b) + (sum c) W
         grad_b = Delta^T (Z (W^T b)) + g_b (1 + b.b)             (no "(sum c) b": the authors' bias rule)
 
-    Same values as ``RelativeAffine(strict=False)`` up to rounding, but three M x D x D products instead of two
+    Same values as ``RelativeAffine`` with ``rule="authors"`` up to rounding, but three M x D x D products instead of two
     and a D x D outer-product temporary: the "authors" method of the benchmark.
 
     Shapes:

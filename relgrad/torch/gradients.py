@@ -1,4 +1,4 @@
-"""Gradients of the dense flow's negative log-likelihood, in the four flavours relgrad compares.
+"""Gradients of the dense flow's negative log-likelihood, in the five flavours relgrad compares.
 
 The central piece is :func:`training_loss`: a scalar whose ordinary ``loss.backward()`` leaves the chosen
 gradient in each layer's ``weight.grad`` / ``bias.grad``, so that any ``torch.optim`` optimiser applies it.
@@ -10,11 +10,13 @@ gradient rules live in the layers (:class:`relgrad.torch.RelativeLinear`):
   O(M D^2) per layer; no slogdet, inverse or solve, and no D x D x D product either.
 * ``"authors"``: the published code transcribed: the same direction without the ``-b`` on the bias,
   evaluated in the published order (three M x D x D products and an outer product).
+* ``"mixed"``: relative on the weight, ordinary on the bias: ``Delta^T (Y W) - outer(g_b, W^T b) - W`` and
+  ``g_b``, O(M D^2) (the hypothesis that the bias coupling through ``Ahat^T Ahat`` slows training).
 * ``"ordinary"``: plain autograd for the data term plus a stand-in whose backward returns ``-W^{-T}`` from
   an explicit inverse (O(D^3) per layer per step).
 * ``"autodiff"``: autograd through ``torch.linalg.slogdet`` of the full negative log-likelihood.
 
-Forward value: for relative/authors/ordinary the loss is the data part ``-mean(log p_s(s) + sum log sigma')``
+Forward value: for relative/authors/mixed/ordinary the loss is the data part ``-mean(log p_s(s) + sum log sigma')``
 only (the stand-ins evaluate to zero, so no log-determinant is computed during training); for autodiff it
 is the full negative log-likelihood.  Use ``model.log_prob`` for the exact value.
 """
@@ -90,9 +92,9 @@ def training_loss(model: nn.Module, x: torch.Tensor, method: Optional[str] = Non
 
     ``model``: a :class:`DenseFlow`, or one wrapped by ``DistributedDataParallel`` / ``torch.compile``: the
     wrapper is *called* (``model(x, rule=method)``), so it sees the step.  ``method``: "relative" (strict),
-    "authors" (no ``-b`` on the bias), "ordinary" (explicit inverse) or "autodiff" (autograd through
-    slogdet); None uses the model's ``rule``.  The returned value is ``-mean(log p_s(s) + sum log sigma')``
-    for the first three (the log-det stand-ins are zero-valued: no log-determinant is computed while
+    "authors" (no ``-b`` on the bias), "mixed" (relative on W, ordinary on b), "ordinary" (explicit inverse)
+    or "autodiff" (autograd through slogdet); None uses the model's ``rule``.  The returned value is
+    ``-mean(log p_s(s) + sum log sigma')`` for the first four (the log-det stand-ins are zero-valued: no log-determinant is computed while
     training) and the full mean negative log-likelihood for "autodiff".
 
     ``check=False`` skips the finiteness check of ``x`` (a device synchronisation on CUDA, and a graph

@@ -11,6 +11,8 @@ minimise ``-mean(log p)`` with any ``torch.optim`` optimiser through an ordinary
   - ``"relative"``: the strict relative gradient of the augmented matrix ``[[W, b], [0, 1]]``:
     ``.grad`` holds ``[G_W | g_b] Ahat^T Ahat - [W, b]``, O(M D^2), no inverse, no determinant;
   - ``"authors"``: the published code's rule (no ``-b`` on the bias), in its evaluation order;
+  - ``"mixed"``: the weight's relative gradient ``Gamma_W W^T W`` alone, with ``Gamma_W`` the full ordinary
+    weight gradient, and the bias's ordinary gradient (no coupling through ``Ahat^T Ahat``), O(M D^2);
   - ``"ordinary"``: the Euclidean gradient with an explicit ``W^{-T}`` (O(D^3) per step);
   - ``"autodiff"``: the exact ``log|det W|`` by ``slogdet``, differentiated by autograd (O(D^3) per step).
 
@@ -202,7 +204,7 @@ class RelativeLinear(nn.Module):
         features: D (the layer is D -> D).
         bias: learn a bias ``b`` (True) or not.
         rule: the gradient its log-determinant carries in training: "relative" (strict, default),
-            "authors", "ordinary" or "autodiff" (see the module docstring).
+            "authors", "mixed", "ordinary" or "autodiff" (see the module docstring).
         rng: torch.Generator, int seed or None (torch's global generator) for the initialisation
             (``generator=`` is accepted as an alias: the torch spelling; the NumPy twin says ``rng``).
         device, dtype: of the parameters; float32 or float64 (use ``torch.autocast`` for half precision).
@@ -210,7 +212,7 @@ class RelativeLinear(nn.Module):
     Initialisation: a Haar-random orthogonal W (volume preserving) and ``b = 0``.
 
     ``forward(x, rule=None)`` returns ``(y, logabsdet)``: in training mode ``logabsdet`` is a zero-valued
-    stand-in (rules relative/authors/ordinary) or ``slogdet`` (autodiff); in evaluation mode the exact
+    stand-in (rules relative/authors/mixed/ordinary) or ``slogdet`` (autodiff); in evaluation mode the exact
     value.  An explicit ``rule=`` overrides both (``rule="exact"``: the checked exact value in any mode).
     Add ``logabsdet`` to the log-likelihood exactly once.
 
@@ -309,7 +311,9 @@ class RelativeLinear(nn.Module):
         """(y, per-row logabsdet of W) for rows x (M, D), with the given rule."""
         w, b = self.weight, self.bias
         if rule == "relative":
-            return RelativeAffine.apply(x, w, b, True)
+            return RelativeAffine.apply(x, w, b, "relative")
+        if rule == "mixed":
+            return RelativeAffine.apply(x, w, b, "mixed")
         if rule == "authors":
             return AuthorsAffine.apply(x, w, b)
         y = torch.nn.functional.linear(x, w, b)

@@ -43,9 +43,15 @@ does) and forgets them.  It does not read ``weight.grad`` for those layers: the 
 recorded batch, so it is the same whichever rule the layer's ``.grad`` carries.  Other trainable parameters
 of the model (none in a DenseFlow) get an ordinary Adam step with the same ``lr`` and ``betas`` (eps 1e-8).
 
-Not supported yet (clear errors): several processes (DistributedDataParallel would synchronise ``.grad``
-but not the recorded batches), and bad-step skipping on the device other than through ``found_inf`` (the
-GradScaler protocol, which :func:`~relgrad.torch.fit` uses).
+Several processes: give the optimiser the DistributedDataParallel wrapper.  Each step then averages ``Etil``
+(before the statistics) and ``U`` (before the momentum) over the wrapper's process group, two all-reduces of
+D (D + 1) numbers per layer, as DDP averages ``.grad``; every process takes the same step, equal to one process
+on the concatenated batch.  An unwrapped model while ``torch.distributed`` runs several processes is refused
+at ``step`` (each process would step on its own share and the copies would drift apart) unless
+``distributed=False`` says that this process trains its own model alone.  ``nn.DataParallel`` is refused (its
+per-call replicas do not run the hooks).  Not supported (a clear error):
+bad-step skipping on the device other than through ``found_inf`` (the GradScaler protocol, which
+:func:`~relgrad.torch.fit` uses).
 
 Shapes:
     per RelativeLinear layer: weight (D, D), bias (D,) or None; recorded Y and Delta (M, D), c (M,).
@@ -126,8 +132,10 @@ class RelativeAdam(torch.optim.Optimizer):
     """Adam with its second moments in the relative (Lie-algebra) coordinates, factored by rows and columns.
 
     Args:
-        model: an ``nn.Module`` holding :class:`~relgrad.torch.RelativeLinear` layers (a DenseFlow, or any model);
-            not a DistributedDataParallel wrapper (not supported yet).
+        model: an ``nn.Module`` holding :class:`~relgrad.torch.RelativeLinear` layers (a DenseFlow, or any model),
+            or its DistributedDataParallel wrapper (several processes: see the module docstring).
+        distributed: None (default): average over the processes of a DDP wrapper's group, refuse an unwrapped
+            model when several processes run; False: never synchronise (each process trains its own model).
         lr: step size in Lie-algebra units: an entry of the preconditioned step ``P`` is about 1, so
             ``lr`` is the typical relative change per entry.
         betas: (beta1, beta2): momentum of the update and decay of the factored second moments.
@@ -152,15 +160,23 @@ class RelativeAdam(torch.optim.Optimizer):
     _host_skip = True
 
     def __init__(self, model: nn.Module, lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-30, *, precondition: str = "factored", max_lie_norm: Optional[float] = None) -> None:
+                 eps: float = 1e-30, *, precondition: str = "factored", max_lie_norm: Optional[float] = None,
+                 distributed: Optional[bool] = None) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"{type(self).__name__} takes the model (an nn.Module holding RelativeLinear layers), "
                             f"not {type(model).__name__}: it records each layer's batch through hooks")
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        if distributed not in (None, False):
+            raise ValueError(f"distributed must be None (synchronise a DDP wrapper's processes) or False, got "
+                             f"{distributed!r}: pass the DistributedDataParallel wrapper to synchronise")
+        # the group whose processes a step averages over: a DDP wrapper's, unless told not to synchronise
+        self._group: Any = None
+        self._distributed = distributed
+        if isinstance(model, nn.parallel.DistributedDataParallel) and distributed is None:
+            self._group = model.process_group
+        if isinstance(model, nn.DataParallel):
             raise NotImplementedError(
-                f"{type(self).__name__} does not synchronise its recorded batches between processes yet: under "
-                "DistributedDataParallel each process would step on its own share only (the processes would drift "
-                "apart). Train on one process, or use torch.optim.Adam/SGD on the relative gradient")
+                f"{type(self).__name__} records each layer's batch through hooks, which nn.DataParallel's per-call "
+                "replicas do not run: use DistributedDataParallel (one process per device) or one device")
         if not (lr > 0 and math.isfinite(lr)):
             raise ValueError(f"lr must be a positive finite number, got {lr!r}")
         b1, b2 = betas
@@ -201,13 +217,30 @@ class RelativeAdam(torch.optim.Optimizer):
         for rec in getattr(self, "_recorders", []):
             rec.records = []
 
-    @staticmethod
-    def _check_single_process() -> None:
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            raise NotImplementedError(
-                "RelativeAdam does not synchronise its recorded batches between processes yet: with several "
-                "processes each would step on its own share of the batch; train on one process, or use "
-                "torch.optim.Adam/SGD on the relative gradient")
+    def _world(self) -> int:
+        """Number of processes whose recorded batches a step averages: the DDP wrapper's group, else 1."""
+        if self._group is not None:
+            return dist.get_world_size(self._group)
+        if self._distributed is None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            raise RuntimeError(
+                f"{type(self).__name__} was given an unwrapped model while torch.distributed runs "
+                f"{dist.get_world_size()} processes: each would step on its own share of the batch and the copies "
+                "would drift apart. Pass the DistributedDataParallel wrapper (RelativeAdam(ddp_model, ...)), or "
+                "distributed=False if this process trains its own model alone")
+        return 1
+
+    def _average(self, world: int, *tensors: Optional[torch.Tensor]) -> None:
+        """In place: the mean over the processes of each tensor (None skipped), one all-reduce for all of them."""
+        present = [t for t in tensors if t is not None]
+        if world == 1 or not present:
+            return
+        flat = torch.cat([t.reshape(-1) for t in present])
+        dist.all_reduce(flat, group=self._group)
+        flat.div_(world)
+        offset = 0
+        for t in present:
+            t.copy_(flat[offset:offset + t.numel()].view_as(t))
+            offset += t.numel()
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], torch.Tensor]] = None) -> Optional[torch.Tensor]:  # type: ignore[override]
@@ -216,7 +249,7 @@ class RelativeAdam(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._check_single_process()
+        world = self._world()  # (refuses an unwrapped model under several processes before anything changes)
         if getattr(self, "grad_scale", None) is not None:
             raise NotImplementedError(
                 f"{type(self).__name__} does not unscale its recorded batches: use it without torch.amp.GradScaler "
@@ -242,7 +275,7 @@ class RelativeAdam(torch.optim.Optimizer):
         for group in self.param_groups:
             if group["kind"] == "relative":
                 for rec in self._recorders:
-                    self._relative_step(rec, group, skip)
+                    self._relative_step(rec, group, skip, world)
             else:
                 self._ordinary_step(group, skip)
         return loss
@@ -265,7 +298,7 @@ class RelativeAdam(torch.optim.Optimizer):
             cls._assign(param, param - scale * m_new, skip)
             cls._assign(m, m_new, skip)
 
-    def _relative_step(self, rec: _Recorder, group: Dict[str, Any], skip: Optional[torch.Tensor]) -> None:
+    def _relative_step(self, rec: _Recorder, group: Dict[str, Any], skip: Optional[torch.Tensor], world: int) -> None:
         layer = rec.layer
         w, b = layer.weight, layer.bias
         batch = rec.take(w.dtype)
@@ -293,6 +326,7 @@ class RelativeAdam(torch.optim.Optimizer):
             e_w = delta.T @ y                                                 # M D^2
             e_w.diagonal().add_(csum)
             e_b = delta.sum(dim=0) if b is not None else None
+            self._average(world, e_w, e_b)  # several processes: the whole batch's Etil, as DDP's .grad
         sq_w = None
         if group["precondition"] == "factored":
             sq_w = e_w.square()
@@ -326,12 +360,15 @@ class RelativeAdam(torch.optim.Optimizer):
         yc = y * c[None, :d]
         u_w = delta.T @ (yc @ w)                                              # two M x D x D products
         u_w.mul_(a[:, None]).addcmul_(w, (csum * a * c[:d])[:, None])
-        corr1 = 1 - beta1 ** step
-        scale = (lr_eff / corr1).to(w.dtype)
-        self._momentum_step(w, state["exp_avg"], u_w, beta1, scale, skip)
+        u_b = None
         if b is not None and b.requires_grad:  # (a frozen bias stays put; W takes its block of P Ahat)
             ycb = yc @ b + c[d]                                               # (M,)
             u_b = a * (delta.T @ ycb) + csum * a * c[:d] * b
+        self._average(world, u_w, u_b)  # U is linear in the batch: the mean of the processes' U is the whole one's
+        corr1 = 1 - beta1 ** step
+        scale = (lr_eff / corr1).to(w.dtype)
+        self._momentum_step(w, state["exp_avg"], u_w, beta1, scale, skip)
+        if u_b is not None:
             # (setdefault: a bias frozen at the first step and trained later starts its momentum at zero)
             m_b = self.state[b].setdefault("exp_avg", torch.zeros_like(b))
             self._momentum_step(b, m_b, u_b, beta1, scale, skip)
@@ -373,8 +410,9 @@ class RelativeSGD(RelativeAdam):
     """
 
     def __init__(self, model: nn.Module, lr: float = 1e-2, momentum: float = 0.9, *,
-                 max_lie_norm: Optional[float] = None) -> None:
-        super().__init__(model, lr=lr, betas=(momentum, 0.0), precondition="none", max_lie_norm=max_lie_norm)
+                 max_lie_norm: Optional[float] = None, distributed: Optional[bool] = None) -> None:
+        super().__init__(model, lr=lr, betas=(momentum, 0.0), precondition="none", max_lie_norm=max_lie_norm,
+                         distributed=distributed)
 
 
 # ============================================================================================ schedules

@@ -221,7 +221,7 @@ def _process_group(model: torch.nn.Module) -> tuple:
 
 
 #: Numbers for the methods in the agreement check of several processes.
-_METHOD_CODES = {"relative": 1, "authors": 2, "ordinary": 3, "autodiff": 4}
+_METHOD_CODES = {"relative": 1, "authors": 2, "ordinary": 3, "autodiff": 4, "mixed": 5}
 
 
 def _ordered_fingerprint(x: torch.Tensor) -> List[float]:
