@@ -86,11 +86,13 @@ def jacobian_stack_bytes(n_layers: int, batch: int, dim: int, itemsize: int = 4)
 def step_flops(method: str, n_layers: int, batch: int, dim: int) -> float:
     """GEMM flops of one training step of a benchmark method (``"autodiff"`` is counted as ``"ordinary"``:
     an LU in slogdet's forward and a solve for W⁻ᵀ in its backward; ``"gemm"`` runs the relative step's GEMMs;
-    ``"jacobian"`` is :func:`flops_jacobian`, its slogdet included).
+    ``"jacobian"`` is :func:`flops_jacobian`, its slogdet included; ``"relative-adam"`` is the relative gradient,
+    its optimiser's own 6·L·M·D² GEMM flops left out like every optimiser's).
     """
     table = {
         "plain": flops_plain, "relative": flops_relative, "gemm": flops_relative, "authors": flops_authors,
         "ordinary": flops_ordinary, "autodiff": flops_ordinary, "lu": flops_lu, "jacobian": flops_jacobian,
+        "relative-adam": flops_relative,
     }
     if method not in table:
         raise ValueError(f"no FLOP model for method {method!r}; known: {', '.join(table)}")

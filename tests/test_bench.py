@@ -25,8 +25,8 @@ def test_help_lists_every_method(capsys: pytest.CaptureFixture) -> None:
         build_parser().parse_args(["--help"])
     assert exc.value.code == 0
     out = capsys.readouterr().out
-    for method in ("plain", "relative", "authors", "ordinary", "autodiff", "lu", "jacobian", "gemm", "--quick",
-                   "--max-jacobian-dim"):
+    for method in ("plain", "relative", "authors", "ordinary", "autodiff", "lu", "jacobian", "gemm", "relative-adam",
+                   "--quick", "--max-jacobian-dim"):
         assert method in out
 
 
@@ -39,13 +39,30 @@ def test_small_run_writes_every_pair_and_prints_ratios(tmp_path, capsys: pytest.
     with open(out) as fh:
         assert fh.readline().strip().split(",") == list(FIELDS)
     pairs = {(r["backend"], r["method"]) for r in rows}
-    torch_methods = {"plain", "relative", "authors", "ordinary", "autodiff", "lu", "gemm"}  # "jacobian" is opt-in
+    torch_methods = {"plain", "relative", "authors", "ordinary", "autodiff", "lu", "gemm"}  # "jacobian", "relative-adam": opt-in
     assert pairs == {("torch", m) for m in torch_methods} | {("numpy", m) for m in torch_methods - {"autodiff", "lu"}}
     assert len(rows) == 3 * len(pairs)
     for r in rows:
         assert r["rounds"] == 2 and r["grad_ms_q1"] <= r["grad_ms"] <= r["grad_ms_q3"]
         assert r["step_ms"] > 0 and r["gflops"] > 0 and r["cpu"] and r["numpy"] == np.__version__
         assert math.isnan(r["gemm_fraction"]) == (r["method"] == "gemm")
+
+
+def test_relative_adam_step_updates_with_relative_adam() -> None:
+    """"relative-adam": the relative gradient (its flops as "relative"), then RelativeAdam's step: 6 L M D^2 more
+    GEMM flops in the update, and the weights move (a little: the benchmark's lr)."""
+    n_layers, batch, dim = 2, 8, 64
+    step = make_step("torch", "relative-adam", n_layers, batch, dim)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step.grad()
+    assert counter.get_total_flops() == step_flops("relative", n_layers, batch, dim) == step.flops
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step.update()
+    assert counter.get_total_flops() == 6 * n_layers * batch * dim**2
+    with pytest.raises(ValueError, match="torch-only"):
+        make_step("numpy", "relative-adam", n_layers, batch, dim)
 
 
 @pytest.mark.parametrize("method", ["plain", "relative", "authors", "lu", "gemm"])

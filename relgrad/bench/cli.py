@@ -21,7 +21,7 @@ from ..utils import select_device
 from .harness import format_ratio_table, run_benchmark, slopes, write_csv
 from .steps import BACKENDS, DEFAULT_METHODS, METHODS
 
-#: Settings of ``--quick`` (CI's smoke test): the chosen methods (by default all but "jacobian") on every
+#: Settings of ``--quick`` (CI's smoke test): the chosen methods (by default :data:`DEFAULT_METHODS`) on every
 #: backend, two small widths, two batches.
 QUICK = {"dims": [64, 256], "batches": [10, 100], "repeats": 5, "warmup": 2, "budget": 5.0}
 
@@ -57,12 +57,14 @@ def build_parser() -> argparse.ArgumentParser:
         "slogdet of each weight), lu (LU-parameterised layers as in nflows), jacobian (autodiff through the "
         "full per-sample Jacobian, vmap(jacrev) + slogdet: most likely the paper's third curve, O(M D^3) time and "
         "O(M D^2) memory, so only with --methods), gemm (only the relative step's GEMMs, at its shapes and "
-        "layouts, into preallocated outputs: the machine's GEMM rate for this step).",
+        "layouts, into preallocated outputs: the machine's GEMM rate for this step), relative-adam (the relative "
+        "gradient updated by relgrad.torch.optim.RelativeAdam instead of Adam: its opt_ms is RelativeAdam's step; "
+        "only with --methods).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--backends", type=_choices(BACKENDS), default=list(BACKENDS), help="comma-separated")
     p.add_argument("--methods", type=_choices(METHODS), default=list(DEFAULT_METHODS),
-                   help="comma-separated (jacobian is not in the default: name it)")
+                   help="comma-separated (jacobian and relative-adam are not in the default: name them)")
     p.add_argument("--devices", type=_choices(("cpu", "cuda")), default=["cpu"], help="cpu and/or cuda")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     p.add_argument("--dims", type=int_list, default=[784], help="widths D, comma-separated")

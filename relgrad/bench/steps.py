@@ -29,13 +29,14 @@ from ..costs import step_flops
 __all__ = ["torch_gemm_buffers", "METHODS", "DEFAULT_METHODS", "BACKENDS", "TORCH_ONLY", "CUBIC", "PER_SAMPLE_JACOBIAN", "Step",
            "make_step", "available"]
 
-METHODS = ("plain", "relative", "authors", "ordinary", "autodiff", "lu", "jacobian", "gemm")
+METHODS = ("plain", "relative", "authors", "ordinary", "autodiff", "lu", "jacobian", "gemm", "relative-adam")
 #: What ``python -m relgrad.bench`` times without ``--methods``: all but "jacobian", whose O(M D^2) memory
-#: (about 22 GB at the default D = 784, M = 1000) and O(M D^3) time make it opt-in.
-DEFAULT_METHODS = tuple(m for m in METHODS if m != "jacobian")
+#: (about 22 GB at the default D = 784, M = 1000) and O(M D^3) time make it opt-in, and "relative-adam" (the
+#: relative gradient with relgrad.torch.optim.RelativeAdam instead of Adam: an optimiser comparison, opt-in).
+DEFAULT_METHODS = tuple(m for m in METHODS if m not in ("jacobian", "relative-adam"))
 BACKENDS = ("torch", "numpy")
 #: Methods the NumPy twin does not have.
-TORCH_ONLY = ("autodiff", "lu", "jacobian")
+TORCH_ONLY = ("autodiff", "lu", "jacobian", "relative-adam")
 #: Methods with an O(D^3) term per step (skipped above ``--max-cubic-dim``).
 CUBIC = ("ordinary", "autodiff")
 #: Methods with an O(M D^3) term and O(M D^2) memory per step (skipped above ``--max-jacobian-dim``).
@@ -96,6 +97,16 @@ def _torch_step(method: str, n_layers: int, batch: int, dim: int, device: str, d
         bufs = torch_gemm_buffers(x, ws)
         return Step(lambda: _torch_gemms(x, ws, bs, bufs), _nothing, sync, flops)
 
+    if method == "relative-adam":  # the same gradient; the update is RelativeAdam's step (its products in opt_ms)
+        from ..torch.optim import RelativeAdam
+
+        ropt = RelativeAdam(model, lr=BENCH_LR)
+
+        def relative_grad() -> None:
+            ropt.zero_grad(set_to_none=True)
+            training_loss(model, x, "relative", check=False).backward()
+
+        return Step(relative_grad, ropt.step, sync, flops)
     opt = make_adam(model.parameters(), lr=BENCH_LR)
     if method == "plain":
         loss_fn = lambda: data_loss(model, x)  # noqa: E731
