@@ -220,7 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run as one process of `torchrun --nproc_per_node N -m relgrad.experiments --distributed ...`: "
                         "DistributedDataParallel over gloo (CPU) or nccl (CUDA, one GPU per process); --batch-size "
                         "is the global batch, split equally between the processes, so the run follows the "
-                        "single-process run with the same --batch-size; rank 0 writes the outputs")
+                        "single-process run with the same --batch-size (with every --optimizer: relative-adam and "
+                        "relative-sgd average their statistics over the processes); rank 0 writes the outputs")
     return p
 
 

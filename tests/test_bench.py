@@ -61,6 +61,10 @@ def test_relative_adam_step_updates_with_relative_adam() -> None:
     with counter:
         step.update()
     assert counter.get_total_flops() == 6 * n_layers * batch * dim**2
+    step.grad()
+    before = [w.detach().clone() for w in step.update.__self__._layers[0].parameters()]
+    step.update()
+    assert any(not torch.equal(a, b) for a, b in zip(before, step.update.__self__._layers[0].parameters()))
     with pytest.raises(ValueError, match="torch-only"):
         make_step("numpy", "relative-adam", n_layers, batch, dim)
 

@@ -176,6 +176,15 @@ def test_step_cost_is_rank_m_and_runs_no_cubic_op() -> None:
     assert counter.get_total_flops() == layers * 4 * m * dim ** 2
 
 
+def test_distributed_argument_is_checked_against_the_wrapper() -> None:
+    model = random_flow(D, 2)
+    with pytest.raises(ValueError, match="pass the wrapper"):
+        RelativeAdam(model, distributed=True)
+    with pytest.raises(ValueError, match="None, True or False"):
+        RelativeSGD(model, distributed="yes")
+    RelativeAdam(model, distributed=False)  # one process training its own model: accepted
+
+
 def test_a_frozen_bias_stays_put_and_a_refused_step_changes_nothing() -> None:
     model = random_flow(D, 2)
     x = data(4 * M, D)

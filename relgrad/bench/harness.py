@@ -103,7 +103,7 @@ def _quartiles(values: Sequence[float]) -> Tuple[float, float, float]:
 #: D x D matrices each method keeps alive per layer during the interleaved rounds: the parameter, its
 #: gradient and Adam's two moments (the LU baseline has two triangular factors; gemm only reads W).
 _MATRICES_PER_LAYER = {"plain": 4, "relative": 4, "authors": 4, "ordinary": 5, "autodiff": 5, "lu": 8,
-                       "jacobian": 4, "gemm": 1, "relative-adam": 8}
+                       "jacobian": 4, "gemm": 1, "relative-adam": 8}  # relative-adam: + momentum, Etil, its square, U
 
 
 def _transient_bytes(group: Group, method: str) -> float:

@@ -51,7 +51,7 @@ class Step:
     """A benchmark method ready to run.
 
     ``grad()`` computes the gradient (forward and backward pass) and leaves it where ``update()`` applies it
-    with Adam; ``sync()`` waits for the device.  ``flops`` is the GEMM-flop model of ``grad()``.
+    (Adam; RelativeAdam for "relative-adam"); ``sync()`` waits for the device.  ``flops`` is the GEMM-flop model of ``grad()``.
     """
 
     grad: Callable[[], None]
@@ -233,7 +233,8 @@ def make_step(backend: str, method: str, n_layers: int, batch: int, dim: int, *,
         raise ValueError(f"unknown benchmark method {method!r}; valid methods are {', '.join(METHODS)}")
     if backend == "numpy":
         if method in TORCH_ONLY:
-            raise ValueError(f"method {method!r} is torch-only (the NumPy twin has no autograd)")
+            raise ValueError(f"method {method!r} is torch-only (it needs autograd, or an optimiser or layer the "
+                             "NumPy twin does not have)")
         if device != "cpu":
             raise ValueError(f"the numpy backend runs on the CPU only, not on {device!r}")
         return _numpy_step(method, n_layers, batch, dim, dtype, seed)

@@ -69,7 +69,9 @@ class RelativeAffine(torch.autograd.Function):
         grad_W = Delta^T (Y W) - outer(g_b, W^T b) + (sum c) W   ( = Gamma_W W^T W, Gamma_W the ordinary gradient)
         grad_b = g_b
 
-    (``Delta^T (Y W)`` holds ``g_b b^T W``, which the outer product takes out again: O(D^2), no extra GEMM.)
+    (``Delta^T (Y W)`` holds ``g_b b^T W``, which the outer product takes out again: O(D^2), no extra GEMM.  Under
+    half-precision autocast that subtraction cancels when the bias dominates ``Y``: the saved ``Y`` is rounded
+    to the autocast dtype, so train the mixed rule in float32 there.)
 
     Shapes:
         z: (..., D), weight: (D, D), bias: (D,) or None; returns Y (..., D) and r (...) (zeros).

@@ -44,9 +44,12 @@ recorded batch, so it is the same whichever rule the layer's ``.grad`` carries. 
 of the model (none in a DenseFlow) get an ordinary Adam step with the same ``lr`` and ``betas`` (eps 1e-8).
 
 Several processes: give the optimiser the DistributedDataParallel wrapper.  Each step then averages ``Etil``
-(before the statistics) and ``U`` (before the momentum) over the wrapper's process group, two all-reduces of
-D (D + 1) numbers per layer, as DDP averages ``.grad``; every process takes the same step, equal to one process
-on the concatenated batch.  An unwrapped model while ``torch.distributed`` runs several processes is refused
+(before the statistics, when they are used) and ``U`` (before the momentum) over the wrapper's process group,
+one or two all-reduces of D (D + 1) numbers per layer, as DDP averages ``.grad``; every process takes the same
+step, equal to one process on the concatenated batch when the processes' losses are weighted as DDP's gradient
+average assumes (equal shares, or :func:`~relgrad.torch.fit`'s weighting of unequal ones).  Every process must
+call ``step`` with the same layers recorded and the same skip decision (``fit`` agrees on it), or the
+collectives wait for each other.  An unwrapped model while ``torch.distributed`` runs several processes is refused
 at ``step`` (each process would step on its own share and the copies would drift apart) unless
 ``distributed=False`` says that this process trains its own model alone.  ``nn.DataParallel`` is refused (its
 per-call replicas do not run the hooks).  Not supported (a clear error):
@@ -135,7 +138,8 @@ class RelativeAdam(torch.optim.Optimizer):
         model: an ``nn.Module`` holding :class:`~relgrad.torch.RelativeLinear` layers (a DenseFlow, or any model),
             or its DistributedDataParallel wrapper (several processes: see the module docstring).
         distributed: None (default): average over the processes of a DDP wrapper's group, refuse an unwrapped
-            model when several processes run; False: never synchronise (each process trains its own model).
+            model when several processes run; True: the same, and require the DDP wrapper; False: never
+            synchronise (each process trains its own unwrapped model; a DDP wrapper is refused).
         lr: step size in Lie-algebra units: an entry of the preconditioned step ``P`` is about 1, so
             ``lr`` is the typical relative change per entry.
         betas: (beta1, beta2): momentum of the update and decay of the factored second moments.
@@ -165,14 +169,18 @@ class RelativeAdam(torch.optim.Optimizer):
         if not isinstance(model, nn.Module):
             raise TypeError(f"{type(self).__name__} takes the model (an nn.Module holding RelativeLinear layers), "
                             f"not {type(model).__name__}: it records each layer's batch through hooks")
-        if distributed not in (None, False):
-            raise ValueError(f"distributed must be None (synchronise a DDP wrapper's processes) or False, got "
-                             f"{distributed!r}: pass the DistributedDataParallel wrapper to synchronise")
-        # the group whose processes a step averages over: a DDP wrapper's, unless told not to synchronise
-        self._group: Any = None
+        wrapped = isinstance(model, nn.parallel.DistributedDataParallel)
+        if distributed not in (None, True, False):
+            raise ValueError(f"distributed must be None, True or False, got {distributed!r}")
+        if distributed is True and not wrapped:
+            raise ValueError(f"{type(self).__name__}(distributed=True) synchronises through a DistributedDataParallel "
+                             f"wrapper: pass the wrapper, not the {type(model).__name__} itself")
+        if distributed is False and wrapped:
+            raise ValueError(f"{type(self).__name__}(distributed=False) with a DistributedDataParallel wrapper would let "
+                             "the processes drift apart: leave distributed at None (or True) to synchronise them")
+        # the group whose processes a step averages over: a DDP wrapper's
+        self._group: Any = model.process_group if wrapped else None
         self._distributed = distributed
-        if isinstance(model, nn.parallel.DistributedDataParallel) and distributed is None:
-            self._group = model.process_group
         if isinstance(model, nn.DataParallel):
             raise NotImplementedError(
                 f"{type(self).__name__} records each layer's batch through hooks, which nn.DataParallel's per-call "
@@ -225,8 +233,8 @@ class RelativeAdam(torch.optim.Optimizer):
             raise RuntimeError(
                 f"{type(self).__name__} was given an unwrapped model while torch.distributed runs "
                 f"{dist.get_world_size()} processes: each would step on its own share of the batch and the copies "
-                "would drift apart. Pass the DistributedDataParallel wrapper (RelativeAdam(ddp_model, ...)), or "
-                "distributed=False if this process trains its own model alone")
+                f"would drift apart. Pass the DistributedDataParallel wrapper ({type(self).__name__}(ddp_model, ...)), "
+                "or distributed=False if this process trains its own model alone")
         return 1
 
     def _average(self, world: int, *tensors: Optional[torch.Tensor]) -> None:
