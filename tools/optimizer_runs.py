@@ -104,6 +104,12 @@ def grids() -> Dict[str, List[Dict[str, object]]]:
     # the same one-factor-at-a-time ablations at D = 196 (compared at equal epochs)
     g["fm14-ablations"] = _ablations("fashion-mnist-14", 40, seeds)
     g["fm14-mixed"] = [_cell("fashion-mnist-14", "mixed", "adam", 1e-3, s, 40) for s in seeds]
+    # the step budget at D = 196: a larger learning rate, and a smaller batch (5 times the steps per epoch)
+    g["fm14-budget"] = [
+        _cell("fashion-mnist-14", m, "adam", lr, s, 40, extra=extra, tag=tag)
+        for s in seeds for m in ("autodiff", "relative")
+        for (lr, extra, tag) in ((3e-3, [], ""), (1e-3, ["--batch-size", "20"], "b20"))
+    ]
     # Fashion-MNIST at full size (D = 784): 2 seeds x the three settings that matter at D = 196, 30 epochs
     g["fm"] = [_cell("fashion-mnist", m, o, 1e-3, s, 30)
                for s in (0, 1)
@@ -112,6 +118,17 @@ def grids() -> Dict[str, List[Dict[str, object]]]:
     # trust region max_lie_norm 0.1
     g["fm"] += [_cell("fashion-mnist", "relative", "relative-adam", 1e-3, s, 30, extra=["--max-lie-norm", "0.1"],
                       tag="t0.1") for s in (0, 1)]
+    # the mixed rule at full size (equal epochs against the fm grid's runs of the same seed)
+    g["fm-mixed"] = [_cell("fashion-mnist", "mixed", "adam", 1e-3, s, 30) for s in (0, 1)]
+    # a ten times smaller learning rate at full size (the step budget; relative + Adam does not stall there)
+    g["fm-lr"] = [_cell("fashion-mnist", m, "adam", 1e-4, s, 30)
+                  for s in (0, 1) for m in ("relative", "mixed", "autodiff")]
+    # longer runs at full size, seed 0, 100 epochs: does the lead at equal epochs last, and does any run pass
+    # the Gaussian? (lane "a": the two relative runs, lane "b": autodiff, so that two lanes can share the cores)
+    g["fm-long-a"] = [_cell("fashion-mnist", "relative", "relative-adam", 1e-3, 0, 100, extra=["--max-lie-norm", "0.1"],
+                            tag="t0.1_e100"),
+                      _cell("fashion-mnist", "relative", "adam", 1e-4, 0, 100, tag="e100")]
+    g["fm-long-b"] = [_cell("fashion-mnist", "autodiff", "adam", 1e-3, 0, 100, tag="e100")]
     return g
 
 
