@@ -123,12 +123,13 @@ def grids() -> Dict[str, List[Dict[str, object]]]:
     # a ten times smaller learning rate at full size (the step budget; relative + Adam does not stall there)
     g["fm-lr"] = [_cell("fashion-mnist", m, "adam", 1e-4, s, 30)
                   for s in (0, 1) for m in ("relative", "mixed", "autodiff")]
-    # longer runs at full size, seed 0, 100 epochs: does the lead at equal epochs last, and does any run pass
-    # the Gaussian? (lane "a": the two relative runs, lane "b": autodiff, so that two lanes can share the cores)
-    g["fm-long-a"] = [_cell("fashion-mnist", "relative", "relative-adam", 1e-3, 0, 100, extra=["--max-lie-norm", "0.1"],
-                            tag="t0.1_e100"),
-                      _cell("fashion-mnist", "relative", "adam", 1e-4, 0, 100, tag="e100")]
-    g["fm-long-b"] = [_cell("fashion-mnist", "autodiff", "adam", 1e-3, 0, 100, tag="e100")]
+    # longer runs at full size, seeds 0 and 1, 100 epochs: does the lead at equal epochs last, and does any run
+    # pass the Gaussian? (lane "a": the two relative runs, lane "b": autodiff, so that two lanes can share the cores)
+    g["fm-long-a"] = [c for s in (0, 1) for c in (
+        _cell("fashion-mnist", "relative", "relative-adam", 1e-3, s, 100, extra=["--max-lie-norm", "0.1"],
+              tag="t0.1_e100"),
+        _cell("fashion-mnist", "relative", "adam", 1e-4, s, 100, tag="e100"))]
+    g["fm-long-b"] = [_cell("fashion-mnist", "autodiff", "adam", 1e-3, s, 100, tag="e100") for s in (0, 1)]
     return g
 
 
